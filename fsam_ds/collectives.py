@@ -1,0 +1,40 @@
+"""Every collective fsam_ds issues, in one place.
+
+Each function takes the process group explicitly and is the identity when there is nothing to
+reduce: `group=None` means "this rank holds everything" (one process, or replicated parameters
+under DDP / ZeRO stage 0). Every function must be called on all ranks of the group.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def group_size(group) -> int:
+    if group is None or not dist.is_available() or not dist.is_initialized():
+        return 1
+    return dist.get_world_size(group)
+
+
+def group_rank(group) -> int:
+    return 0 if group_size(group) == 1 else dist.get_rank(group)
+
+
+def all_reduce_sum_(tensor: torch.Tensor, group) -> torch.Tensor:
+    """In-place sum over the group (the global norm's squares, histogram counts)."""
+    if group_size(group) > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+    return tensor
+
+
+def exclusive_prefix_sum(value: int, group, device: torch.device | str = "cpu") -> int:
+    """sum of `value` over the ranks before this one: settles which rank keeps which tied
+    elements. One all-reduce of a world-size vector (counts only, never scores)."""
+    size = group_size(group)
+    if size == 1:
+        return 0
+    counts = torch.zeros(size, dtype=torch.int64, device=device)
+    rank = group_rank(group)
+    counts[rank] = value
+    all_reduce_sum_(counts, group)
+    return int(counts[:rank].sum())

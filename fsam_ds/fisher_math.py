@@ -1,0 +1,93 @@
+"""FSAM arithmetic on flat tensors. No torch.distributed, no DeepSpeed: every function here works on
+one rank's tensors, and the callers add the collectives (see ``collectives.py``).
+
+Symbols (defined once, used only in this module):
+  w      parameters (the fp32 master copy the base optimizer updates)
+  g      first-pass gradient of the step's whole global batch
+  F      Fisher score per element: g*g ("grad_sq") or Adam's exp_avg_sq ("exp_avg_sq")
+  R      ranked elements: all but partition padding and always-perturbed parameters
+  kappa  keep ratio = 1 - sparsity;  k = ceil(kappa * |R|)
+  m      mask: 1 for the k elements of R with the largest F and for always-perturbed elements
+  rho    perturbation radius
+
+One FSAM step, t the step counter and T the mask refresh interval:
+  if t % T == 0:  F = score(g);  m = top_k(F over R) | always          # refresh the mask
+  e = rho * (m * g) / (||g|| + 1e-12)          adaptive: rho * (m*w*w*g) / (||w*g|| + 1e-12)
+  w_saved = w[m];  w[m] += e[m]                                        # climb to "w + e"
+  g' = grad L(w + e)                                                   # second pass, same batch
+  w[m] = w_saved                                                       # bit-exact restore
+  base_optimizer.step(g')
+"""
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import torch
+
+NORM_EPS = 1e-12  # as in davda54/sam: keeps rho / ||g|| finite when g == 0
+
+
+def num_kept(num_ranked: int, sparsity: float) -> int:
+    """k = ceil((1 - sparsity) * |R|), computed on the decimal value of `sparsity` so that e.g.
+    sparsity 0.7 on 10 elements keeps 3, not 4 (1 - 0.7 is 0.30000000000000004 in binary)."""
+    keep_ratio = 1 - Fraction(repr(float(sparsity)))
+    return min(num_ranked, math.ceil(keep_ratio * num_ranked))
+
+
+def fisher_scores(grad: torch.Tensor, exp_avg_sq: torch.Tensor | None = None) -> torch.Tensor:
+    """F as fp32: Adam's second moment when given (an EMA of g*g, already stored), else g*g."""
+    if exp_avg_sq is not None:
+        return exp_avg_sq.detach().float()
+    grad = grad.detach().float()
+    return grad * grad
+
+
+def norm_sq_terms(weight: torch.Tensor, grad: torch.Tensor, mask: torch.Tensor, adaptive: bool):
+    """Local sums (||x||^2, ||m*x*s||^2-without-scale) for x = g (or w*g when adaptive).
+
+    Returns a fp32 tensor [sum x^2, sum (m * d)^2] where d is the perturbation direction before
+    scaling (g, or w*w*g when adaptive), so that after one all-reduce of both sums
+    ||e|| = rho * sqrt(second) / (sqrt(first) + eps)."""
+    grad = grad.detach().float()
+    if adaptive:
+        w = weight.detach().float()
+        x = w * grad
+        d_masked = (w * w * grad)[mask]
+    else:
+        x = grad
+        d_masked = grad[mask]
+    return torch.stack([x.pow(2).sum(), d_masked.pow(2).sum()])
+
+
+def perturb_(weight: torch.Tensor, grad: torch.Tensor, mask: torch.Tensor, scale: float,
+             adaptive: bool) -> torch.Tensor:
+    """w[m] += e[m] in place with e = scale * g (or scale * w*w*g); returns the original w[m].
+
+    Only the masked elements are read, written and saved, so the backup costs (masked count) values
+    and restore_() puts back exactly the bits that were there."""
+    saved = weight.detach().masked_select(mask)
+    direction = grad.detach().masked_select(mask).to(saved.dtype)
+    if adaptive:
+        direction = saved * saved * direction  # (w*w)*g, in davda54/sam's order
+    weight.detach().masked_scatter_(mask, saved + direction * scale)
+    return saved
+
+
+def restore_(weight: torch.Tensor, mask: torch.Tensor, saved: torch.Tensor) -> None:
+    """Undo perturb_(): write the saved original values back at the masked positions."""
+    weight.detach().masked_scatter_(mask, saved)
+
+
+def mask_from_threshold(scores: torch.Tensor, threshold: float, num_ties_kept: int) -> torch.Tensor:
+    """Keep F > threshold, plus the first `num_ties_kept` elements with F == threshold (in index
+    order), so that the caller keeps exactly k in total."""
+    keep = scores > threshold
+    if num_ties_kept <= 0:
+        return keep
+    ties = scores == threshold
+    num_ties = int(ties.sum())
+    if num_ties_kept >= num_ties:
+        return keep | ties
+    # Only here do we need the tie order; cumsum is a transient int64 buffer.
+    return keep | (ties & (torch.cumsum(ties, 0) <= num_ties_kept))

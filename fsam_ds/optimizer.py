@@ -1,0 +1,315 @@
+"""`FSAM`: a torch.optim.Optimizer that wraps any base optimizer with the Fisher-masked SAM step.
+
+Pure PyTorch (one process, or DDP with replicated parameters):
+
+    loss_fn().backward(); opt.first_step(zero_grad=True)    # climb to w + e on the masked elements
+    loss_fn().backward(); opt.second_step(zero_grad=True)   # restore w exactly, base step with g'
+
+Under DeepSpeed, the engine owns the parameters and calls `step()` itself (once per ZeRO param
+group or sub-group); `fsam_ds.train_step` drives the two phases through `begin_capture`,
+`perturb_captured`, `restore_remaining` and `end_step`, and the tensors this optimizer sees are the
+rank's fp32 partitions, described by `set_shard_layouts`.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+
+from fsam_ds import collectives, fisher_math
+from fsam_ds.config import DEFAULT_ALWAYS_PERTURB, FSAMConfig
+from fsam_ds.shard_layout import ShardLayout
+from fsam_ds.topk_threshold import exact_topk_threshold
+
+_READY, _CAPTURING, _PERTURBED = "ready", "capturing", "perturbed"
+
+
+class FSAM(torch.optim.Optimizer):
+    """Fisher SAM (Zhong et al., 2022) around `base_optimizer`, sharing its param_groups and state
+    (so LR schedulers and DeepSpeed see the base optimizer's groups).
+
+    params: parameters or `model.named_parameters()` (names are needed for `always_perturb`).
+    base_optimizer: a torch.optim.Optimizer class; `**base_kwargs` go to it (lr, weight_decay...).
+    rho, sparsity, mask_interval, fisher, adaptive, always_perturb: see `fsam_ds.config.FSAMConfig`.
+    """
+
+    def __init__(self, params, base_optimizer=torch.optim.AdamW, rho=0.05, sparsity=0.9,
+                 mask_interval=100, fisher="grad_sq", adaptive=False,
+                 always_perturb=DEFAULT_ALWAYS_PERTURB, **base_kwargs):
+        if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer)):
+            raise ValueError(f"Invalid base_optimizer: {base_optimizer!r} (must be a "
+                             "torch.optim.Optimizer class such as torch.optim.AdamW, not an instance)")
+        if issubclass(base_optimizer, FSAM):
+            raise ValueError("Invalid base_optimizer: FSAM cannot wrap itself")
+        self.config = FSAMConfig(rho=rho, sparsity=sparsity, mask_interval=mask_interval,
+                                 fisher=fisher, adaptive=adaptive, always_perturb=always_perturb)
+        super().__init__(params, {})
+        self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
+        self.defaults.update(self.base_optimizer.defaults)
+
+        self.process_group = None      # the group the shards are spread over; None = replicated
+        self.engine_driven = False     # True under DeepSpeed: step() is called by the engine
+        self.num_steps = 0             # t: completed FSAM steps
+        self.last_stats: dict = {}     # threshold, mask density, norms of the latest step
+        self._phase = _READY
+        self._layouts: dict = {}       # id(tensor) -> ShardLayout for tensors that are not params
+        self._masks: dict = {}         # id(tensor) -> (tensor, bool mask)
+        self._saved: dict = {}         # id(tensor) -> (tensor, original values at the mask)
+        self._captured: list = []      # (tensor, grad) pairs seen by step() while capturing
+        self._masks_valid = False
+        self._global_counts = None     # (|R|, always-perturbed count) over the group
+        self._param_names = {id(p): name for g in self.param_groups
+                             for p, name in zip(g["params"], g.get("param_names", [None] * len(g["params"])))}
+        if self.config.always_perturb and all(n is None for n in self._param_names.values()):
+            warnings.warn("FSAM got parameters without names, so always_perturb patterns "
+                          f"{list(self.config.always_perturb)} match nothing and every element is "
+                          "ranked; pass model.named_parameters() to use them.", stacklevel=2)
+
+    # The base optimizer owns param_groups and state. DeepSpeed reassigns `param_groups` (one ZeRO
+    # group at a time); forwarding the setter makes the base optimizer step exactly that group.
+    @property
+    def param_groups(self):
+        base = self.__dict__.get("base_optimizer")
+        return base.param_groups if base is not None else self.__dict__["_own_param_groups"]
+
+    @param_groups.setter
+    def param_groups(self, value):
+        base = self.__dict__.get("base_optimizer")
+        if base is not None:
+            base.param_groups = value
+        else:
+            self.__dict__["_own_param_groups"] = value
+
+    @property
+    def state(self):
+        base = self.__dict__.get("base_optimizer")
+        return base.state if base is not None else self.__dict__["_own_state"]
+
+    @state.setter
+    def state(self, value):
+        base = self.__dict__.get("base_optimizer")
+        if base is not None:
+            base.state = value
+        else:
+            self.__dict__["_own_state"] = value
+
+    # ---- pure PyTorch API -------------------------------------------------------------------
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False):
+        """Perturb the masked parameters to w + e using the gradients now in `.grad`."""
+        if self._phase != _READY:
+            raise RuntimeError(f"FSAM.first_step() called in phase '{self._phase}': call "
+                               "second_step() to finish the previous step first")
+        self._check_not_engine_driven("first_step")
+        self._perturb(self._current_grads(clone=False))
+        self._phase = _PERTURBED
+        if zero_grad:
+            self.zero_grad()
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False):
+        """Restore w exactly and take the base optimizer's step with the gradients at w + e."""
+        if self._phase != _PERTURBED:
+            raise RuntimeError(f"FSAM.second_step() called in phase '{self._phase}': call "
+                               "first_step() (after the first backward) before second_step()")
+        self._check_not_engine_driven("second_step")
+        self.restore_remaining()
+        self.base_optimizer.step()
+        self._opt_called = True  # torch LR schedulers look for this; second_step bypasses step()
+        self.end_step(stepped=True)
+        if zero_grad:
+            self.zero_grad()
+
+    def step(self, closure=None):
+        """Under DeepSpeed: called by the engine (capture the gradients, or restore and take the
+        base step). Otherwise: `closure` zeroes nothing itself, runs forward + backward and returns
+        the loss; it is called twice (at w, then at w + e) and the first loss is returned."""
+        if self._phase == _CAPTURING:
+            self._captured.extend(self._current_grads(clone=True))
+            return None
+        if self.engine_driven:
+            if self._phase != _PERTURBED:
+                raise RuntimeError("FSAM under DeepSpeed must be driven by fsam_ds.train_step(); "
+                                   "engine.step() was called outside an FSAM step")
+            with torch.no_grad():
+                for group in self.param_groups:   # under ZeRO-1/2: the one group being stepped
+                    for p in group["params"]:
+                        self._restore(p)
+            return self.base_optimizer.step()
+        if closure is None:
+            raise RuntimeError("FSAM.step() needs a closure that runs forward + backward and "
+                               "returns the loss; or call first_step() and second_step()")
+        closure = torch.enable_grad()(closure)
+        self.zero_grad()
+        loss = closure()
+        self.first_step(zero_grad=True)
+        closure()
+        self.second_step(zero_grad=True)
+        return loss
+
+    # ---- engine-driven API (used by fsam_ds.train_step) ---------------------------------------
+    def set_shard_layouts(self, layouts: dict, process_group) -> None:
+        """layouts: id(tensor) -> ShardLayout for the fp32 partitions DeepSpeed will show us."""
+        self._layouts = dict(layouts)
+        self.process_group = process_group
+        self.engine_driven = True
+        self._global_counts = None
+
+    def begin_capture(self) -> None:
+        if self._phase != _READY:
+            raise RuntimeError(f"FSAM.begin_capture() called in phase '{self._phase}'")
+        self._captured = []
+        self._phase = _CAPTURING
+
+    @torch.no_grad()
+    def perturb_captured(self) -> bool:
+        """Perturb the tensors whose gradients step() captured; False if none were (the engine
+        skipped the step, e.g. on an fp16 overflow)."""
+        captured, self._captured = self._captured, []
+        if not captured:
+            self._phase = _READY
+            return False
+        self._perturb(captured)
+        self._phase = _PERTURBED
+        return True
+
+    @torch.no_grad()
+    def restore_remaining(self) -> bool:
+        """Restore every tensor still perturbed; True if any was (the caller republishes them)."""
+        restored = bool(self._saved)
+        for tensor, _ in list(self._saved.values()):
+            self._restore(tensor)
+        return restored
+
+    def end_step(self, stepped: bool) -> None:
+        assert not self._saved, "FSAM.end_step() with weights still perturbed"
+        if stepped:
+            self.num_steps += 1
+        self._phase = _READY
+
+    # ---- the step's math over this rank's tensors ---------------------------------------------
+    def _current_grads(self, clone: bool):
+        return [(p, p.grad.detach().clone() if clone else p.grad.detach())
+                for group in self.param_groups for p in group["params"] if p.grad is not None]
+
+    def _layout(self, tensor) -> ShardLayout:
+        layout = self._layouts.get(id(tensor))
+        if layout is None:
+            name = self._param_names.get(id(tensor))
+            layout = ShardLayout.whole(tensor.numel(), self.config.is_always_perturbed(name))
+        return layout
+
+    def _perturb(self, entries) -> None:
+        cfg, group = self.config, self.process_group
+        self._saved = {}
+        if cfg.rho == 0:
+            self.last_stats = {}
+            return  # exactly the base optimizer: nothing to perturb, nothing to restore
+        # 1. the global gradient norm (adaptive: of w*g); one all-reduce, checked before any write
+        norm_sq = torch.zeros((), dtype=torch.float32, device=entries[0][1].device)
+        for w, g in entries:
+            x = g.float() * w.float() if cfg.adaptive else g.float()
+            norm_sq += x.pow(2).sum()
+        collectives.all_reduce_sum_(norm_sq, group)
+        grad_norm = math.sqrt(float(norm_sq))
+        if not math.isfinite(grad_norm):
+            raise FloatingPointError(
+                f"FSAM: the first-pass gradient norm is {grad_norm}; the weights were not "
+                "perturbed. Lower the learning rate, or use fp16 loss scaling, which skips such steps.")
+        # 2. the mask, on refresh steps (collective: the exact top-k threshold)
+        if (self.num_steps % cfg.mask_interval == 0 or not self._masks_valid
+                or any(id(w) not in self._masks for w, _ in entries)):
+            self._refresh_masks(entries)
+        # 3. e on the masked elements of each local tensor, original values saved for restore
+        scale = cfg.rho / (grad_norm + fisher_math.NORM_EPS)
+        for w, g in entries:
+            mask = self._masks[id(w)][1]
+            self._saved[id(w)] = (w, fisher_math.perturb_(w, g, mask, scale, cfg.adaptive))
+        self.last_stats.update(grad_norm=grad_norm, perturb_scale=scale)
+
+    def _refresh_masks(self, entries) -> None:
+        cfg, group = self.config, self.process_group
+        layouts = [self._layout(w) for w, _ in entries]
+        device = entries[0][0].device
+        if self._global_counts is None:   # static: the shard layouts never change
+            counts = torch.tensor([sum(l.num_ranked for l in layouts),
+                                   sum(l.num_always for l in layouts)], dtype=torch.int64)
+            self._global_counts = tuple(collectives.all_reduce_sum_(counts, group).tolist())
+        num_ranked, num_always = self._global_counts
+        k = fisher_math.num_kept(num_ranked, cfg.sparsity)
+        threshold = None
+        ranked_masks = [None] * len(entries)   # None: keep every ranked element (SAM)
+        if k < num_ranked:
+            use_adam_state = cfg.fisher == "exp_avg_sq" and all(
+                "exp_avg_sq" in self.state.get(w, {}) for w, _ in entries)
+            scores = torch.cat([
+                layout.take_ranked(fisher_math.fisher_scores(
+                    g, self.state[w]["exp_avg_sq"].view(-1) if use_adam_state else None).view(-1))
+                for (w, g), layout in zip(entries, layouts)])
+            found = exact_topk_threshold(scores, k, group)
+            keep = fisher_math.mask_from_threshold(scores, found.value, found.num_ties_kept)
+            threshold = found.value
+            offset = 0
+            for i, layout in enumerate(layouts):
+                ranked_masks[i] = keep[offset:offset + layout.num_ranked]
+                offset += layout.num_ranked
+        self._masks = {id(w): (w, layout.build_mask(m, device).view_as(w))
+                       for (w, _), layout, m in zip(entries, layouts, ranked_masks)}
+        self._masks_valid = True
+        self.last_stats = {"threshold": threshold, "num_kept": k,
+                           "mask_density": (k + num_always) / max(1, num_ranked + num_always)}
+
+    def _restore(self, tensor) -> None:
+        entry = self._saved.pop(id(tensor), None)
+        if entry is not None:
+            fisher_math.restore_(tensor, self._masks[id(tensor)][1], entry[1])
+
+    def _check_not_engine_driven(self, method):
+        if self.engine_driven:
+            raise RuntimeError(f"FSAM.{method}() is the pure-PyTorch API; under DeepSpeed use "
+                               "fsam_ds.train_step(engine, loss_fn, micro_batches)")
+
+    # ---- checkpoints --------------------------------------------------------------------------
+    def _indexed_tensors(self):
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def state_dict(self):
+        """The base optimizer's state_dict plus an "fsam" entry: step counter and masks (packed
+        as bool, keyed by the parameter's index in param_groups order, as torch keys state)."""
+        state = self.base_optimizer.state_dict()
+        index = {id(p): i for i, p in enumerate(self._indexed_tensors())}
+        state["fsam"] = {
+            "num_steps": self.num_steps,
+            "config": self.config.to_dict(),
+            "masks": {index[key]: mask.clone() for key, (_, mask) in self._masks.items()
+                      if key in index} if self._masks_valid else {},
+        }
+        return state
+
+    def load_state_dict(self, state_dict):
+        if self._phase != _READY:
+            raise RuntimeError(f"FSAM.load_state_dict() called in phase '{self._phase}'")
+        state_dict = dict(state_dict)
+        fsam_state = state_dict.pop("fsam", None)
+        self.base_optimizer.load_state_dict(state_dict)
+        if fsam_state is None:
+            self._masks, self._masks_valid = {}, False
+            return
+        self.num_steps = int(fsam_state["num_steps"])
+        tensors = self._indexed_tensors()
+        saved_masks = fsam_state.get("masks", {})
+        masks = {}
+        for i, mask in saved_masks.items():
+            i = int(i)
+            if i >= len(tensors) or mask.shape != tensors[i].shape:
+                masks = None
+                break
+            masks[id(tensors[i])] = (tensors[i], mask.to(device=tensors[i].device, dtype=torch.bool))
+        if masks and len(masks) == len(tensors):
+            self._masks, self._masks_valid = masks, True
+        else:
+            if saved_masks:
+                warnings.warn("FSAM: the saved masks do not fit these parameters (different "
+                              "world size or model); the mask is recomputed at the next step.")
+            self._masks, self._masks_valid = {}, False

@@ -1,0 +1,62 @@
+"""The math module against hand-computed values."""
+import torch
+
+from fsam_ds import fisher_math
+from fsam_ds.shard_layout import ShardLayout
+
+
+def test_num_kept_uses_the_decimal_sparsity():
+    assert fisher_math.num_kept(10, 0.7) == 3           # 1 - 0.7 is 0.30000000000000004 in binary
+    assert fisher_math.num_kept(10, 0.9) == 1
+    assert fisher_math.num_kept(11, 0.9) == 2           # ceil(1.1)
+    assert fisher_math.num_kept(5, 0.0) == 5
+    assert fisher_math.num_kept(0, 0.5) == 0
+
+
+def test_fisher_scores():
+    g = torch.tensor([1.0, -2.0, 0.5])
+    assert fisher_math.fisher_scores(g).tolist() == [1.0, 4.0, 0.25]
+    v = torch.tensor([0.1, 0.2, 0.3])
+    assert torch.equal(fisher_math.fisher_scores(g, v), v)
+
+
+def test_perturb_and_restore_by_hand():
+    w = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    g = torch.tensor([3.0, 0.0, -4.0, 1.0])
+    mask = torch.tensor([True, False, True, False])
+    original = w.clone()
+    # ||g|| = sqrt(9 + 16 + 1) = sqrt(26); rho = 0.5 -> e = 0.5 * m*g / sqrt(26)
+    scale = 0.5 / (26 ** 0.5 + fisher_math.NORM_EPS)
+    saved = fisher_math.perturb_(w, g, mask, scale, adaptive=False)
+    expected = torch.tensor([1.0 + 1.5 / 26 ** 0.5, 2.0, 3.0 - 2.0 / 26 ** 0.5, 4.0])
+    torch.testing.assert_close(w, expected, rtol=0, atol=1e-6)
+    assert saved.tolist() == [1.0, 3.0]
+    fisher_math.restore_(w, mask, saved)
+    assert torch.equal(w, original)
+
+
+def test_adaptive_perturbation_by_hand():
+    w = torch.tensor([2.0, -1.0])
+    g = torch.tensor([1.0, 3.0])
+    mask = torch.tensor([True, True])
+    fisher_math.perturb_(w, g, mask, scale=0.1, adaptive=True)
+    # e = scale * w*w*g = 0.1 * [4, 3]
+    torch.testing.assert_close(w, torch.tensor([2.4, -0.7]))
+
+
+def test_mask_from_threshold_keeps_exactly_the_requested_ties():
+    s = torch.tensor([5.0, 3.0, 3.0, 1.0, 3.0, 7.0])
+    assert fisher_math.mask_from_threshold(s, 3.0, 2).tolist() == [True, True, True, False, False, True]
+    assert fisher_math.mask_from_threshold(s, 3.0, 0).tolist() == [True, False, False, False, False, True]
+    assert fisher_math.mask_from_threshold(s, 3.0, 9).sum() == 5
+
+
+def test_shard_layout_merges_pieces_and_masks_padding():
+    layout = ShardLayout.from_pieces(10, [(0, 3, False), (3, 5, False), (5, 6, True), (6, 8, False)])
+    assert layout.ranked == ((0, 5), (6, 8)) and layout.always == ((5, 6),)
+    assert layout.num_ranked == 7 and layout.num_always == 1
+    flat = torch.arange(10.0)
+    assert layout.take_ranked(flat).tolist() == [0, 1, 2, 3, 4, 6, 7]
+    keep = torch.tensor([True, False, False, False, True, False, True])
+    mask = layout.build_mask(keep, "cpu")
+    assert mask.tolist() == [True, False, False, False, True, True, False, True, False, False]

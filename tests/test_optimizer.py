@@ -1,0 +1,257 @@
+"""fsam_ds.FSAM in one process (and under DDP) against the independent reference and known optimizers."""
+import copy
+import math
+
+import pytest
+import torch
+
+import fsam_ds
+from dist_harness import run_ranks
+from reference_fsam import ReferenceFSAM
+
+
+class TinyNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(20, 8)
+        self.fc1 = torch.nn.Linear(8, 13)
+        self.norm = torch.nn.LayerNorm(13)
+        self.fc2 = torch.nn.Linear(13, 3)
+
+    def forward(self, tokens):
+        return self.fc2(torch.tanh(self.norm(self.fc1(self.embed(tokens).mean(1)))))
+
+
+def batches(n_steps, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randint(0, 20, (16, 5), generator=g), torch.randint(0, 3, (16,), generator=g))
+            for _ in range(n_steps)]
+
+
+def loss_of(model, batch):
+    return torch.nn.functional.cross_entropy(model(batch[0]), batch[1])
+
+
+def train_fsam(model, opt, data):
+    for batch in data:
+        loss_of(model, batch).backward()
+        opt.first_step(zero_grad=True)
+        loss_of(model, batch).backward()
+        opt.second_step(zero_grad=True)
+
+
+def max_diff(a, b):
+    return max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))
+
+
+ADAMW = dict(lr=1e-2, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01)
+
+
+@pytest.mark.parametrize("settings", [
+    dict(sparsity=0.9, mask_interval=1),
+    dict(sparsity=0.5, mask_interval=3),
+    dict(sparsity=0.9, mask_interval=2, fisher="exp_avg_sq"),
+    dict(sparsity=0.7, mask_interval=1, adaptive=True, rho=0.5),
+    dict(sparsity=0.8, mask_interval=1, always_perturb=[]),
+])
+def test_matches_reference_for_20_adamw_steps(settings):
+    settings = {"rho": 0.05, **settings}
+    torch.manual_seed(0)
+    model = TinyNet()
+    ref_model = copy.deepcopy(model)
+    opt = fsam_ds.FSAM(model.named_parameters(), torch.optim.AdamW, **settings, **ADAMW)
+    ref = ReferenceFSAM(ref_model.named_parameters(), torch.optim.AdamW, **settings, **ADAMW)
+    for batch in batches(20):
+        loss_of(model, batch).backward(); opt.first_step(zero_grad=True)
+        loss_of(model, batch).backward(); opt.second_step(zero_grad=True)
+        loss_of(ref_model, batch).backward(); ref.first_step(); ref.zero_grad()
+        loss_of(ref_model, batch).backward(); ref.second_step(); ref.zero_grad()
+    assert max_diff(model, ref_model) < 1e-6
+    assert opt.num_steps == 20
+    # the runs moved the weights: the comparison is not trivially between two untouched models
+    assert max_diff(model, TinyNet().requires_grad_(False)) > 1e-3 or True
+    untrained = copy.deepcopy(model)
+    torch.manual_seed(0)
+    assert max_diff(TinyNet(), model) > 1e-3
+
+
+def davda54_sam_step(model, base, batch, rho):
+    """davda54/sam semantics: e = rho * g / ||g||, climb, second gradient, restore, base step."""
+    params = [p for p in model.parameters()]
+    loss_of(model, batch).backward()
+    with torch.no_grad():
+        norm = torch.norm(torch.stack([p.grad.norm(2) for p in params]), 2)
+        scale = rho / (norm + 1e-12)
+        saved = [p.clone() for p in params]
+        for p in params:
+            p.add_(p.grad * scale)
+    base.zero_grad()
+    loss_of(model, batch).backward()
+    with torch.no_grad():
+        for p, w in zip(params, saved):
+            p.copy_(w)
+    base.step()
+    base.zero_grad()
+
+
+def test_sparsity_zero_is_sam():
+    torch.manual_seed(1)
+    model, sam_model = TinyNet(), None
+    sam_model = copy.deepcopy(model)
+    opt = fsam_ds.FSAM(model.named_parameters(), torch.optim.AdamW, rho=0.1, sparsity=0.0, **ADAMW)
+    base = torch.optim.AdamW(sam_model.parameters(), **ADAMW)
+    data = batches(10, seed=1)
+    train_fsam(model, opt, data)
+    for batch in data:
+        davda54_sam_step(sam_model, base, batch, rho=0.1)
+    assert max_diff(model, sam_model) < 1e-6
+    assert opt.last_stats["mask_density"] == 1.0
+
+
+def test_rho_zero_is_the_base_optimizer_bit_for_bit():
+    torch.manual_seed(2)
+    model = TinyNet()
+    plain = copy.deepcopy(model)
+    opt = fsam_ds.FSAM(model.named_parameters(), torch.optim.AdamW, rho=0.0, **ADAMW)
+    base = torch.optim.AdamW(plain.parameters(), **ADAMW)
+    data = batches(10, seed=2)
+    train_fsam(model, opt, data)
+    for batch in data:
+        loss_of(plain, batch).backward(); base.step(); base.zero_grad()
+    assert max_diff(model, plain) == 0.0
+
+
+def test_restore_is_bit_identical_before_the_base_update():
+    torch.manual_seed(3)
+    model = TinyNet()
+    opt = fsam_ds.FSAM(model.named_parameters(), torch.optim.SGD, rho=0.5, sparsity=0.5, lr=0.1)
+    batch = batches(1, seed=3)[0]
+    before = [p.detach().clone() for p in model.parameters()]
+    loss_of(model, batch).backward()
+    opt.first_step(zero_grad=True)
+    moved = sum(int((p != w).sum()) for p, w in zip(model.parameters(), before))
+    assert moved > 0
+    loss_of(model, batch).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    opt.second_step()
+    for p, w, g in zip(model.parameters(), before, grads):
+        assert torch.equal(p.detach(), torch.add(w, g, alpha=-0.1))  # SGD from the restored w
+
+
+def test_lr_scheduler_and_param_groups_are_the_base_optimizers():
+    model = TinyNet()
+    opt = fsam_ds.FSAM([{"params": model.fc1.parameters(), "weight_decay": 0.0},
+                        {"params": model.fc2.parameters()}], torch.optim.AdamW, lr=1.0,
+                       always_perturb=[])
+    assert opt.param_groups is opt.base_optimizer.param_groups
+    assert opt.param_groups[0]["weight_decay"] == 0.0 and opt.param_groups[1]["weight_decay"] == 0.01
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 ** s)
+    batch = (torch.randint(0, 20, (4, 5)), torch.randint(0, 3, (4,)))
+    for _ in range(3):
+        train_fsam(model, opt, [batch])
+        sched.step()
+    assert opt.base_optimizer.param_groups[0]["lr"] == 0.125
+
+
+def test_step_with_closure_equals_two_phase_calls():
+    torch.manual_seed(4)
+    a = TinyNet()
+    b = copy.deepcopy(a)
+    opt_a = fsam_ds.FSAM(a.named_parameters(), torch.optim.AdamW, sparsity=0.6, **ADAMW)
+    opt_b = fsam_ds.FSAM(b.named_parameters(), torch.optim.AdamW, sparsity=0.6, **ADAMW)
+    data = batches(5, seed=4)
+    train_fsam(a, opt_a, data)
+    for batch in data:
+        loss = opt_b.step(lambda: (l := loss_of(b, batch)).backward() or l)
+        assert loss is not None and loss.ndim == 0
+    assert max_diff(a, b) == 0.0
+
+
+def test_state_dict_round_trip_mid_run_continues_identically():
+    torch.manual_seed(5)
+    a = TinyNet()
+    opt_a = fsam_ds.FSAM(a.named_parameters(), torch.optim.AdamW, sparsity=0.8, mask_interval=4, **ADAMW)
+    data = batches(10, seed=5)
+    train_fsam(a, opt_a, data[:6])           # t = 6: between refreshes (4 and 8)
+    b = copy.deepcopy(a)
+    opt_b = fsam_ds.FSAM(b.named_parameters(), torch.optim.AdamW, sparsity=0.8, mask_interval=4, **ADAMW)
+    opt_b.load_state_dict(copy.deepcopy(opt_a.state_dict()))
+    assert opt_b.num_steps == 6
+    train_fsam(a, opt_a, data[6:])
+    train_fsam(b, opt_b, data[6:])
+    assert max_diff(a, b) == 0.0
+
+
+def test_phases_out_of_order_raise():
+    model = TinyNet()
+    opt = fsam_ds.FSAM(model.named_parameters(), torch.optim.SGD, lr=0.1)
+    with pytest.raises(RuntimeError, match="first_step"):
+        opt.second_step()
+    loss_of(model, batches(1)[0]).backward()
+    opt.first_step()
+    with pytest.raises(RuntimeError, match="second_step"):
+        opt.first_step()
+    with pytest.raises(RuntimeError, match="closure"):
+        fsam_ds.FSAM(model.parameters(), torch.optim.SGD, lr=0.1, always_perturb=[]).step()
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(rho=-0.1), "rho: -0.1"),
+    (dict(sparsity=1.0), "sparsity: 1.0"),
+    (dict(sparsity=-0.5), "sparsity: -0.5"),
+    (dict(mask_interval=0), "mask_interval: 0"),
+    (dict(mask_interval=2.5), "mask_interval: 2.5"),
+    (dict(fisher="hessian"), "fisher: 'hessian'"),
+    (dict(base_optimizer="AdamW"), "base_optimizer: 'AdamW'"),
+    (dict(base_optimizer=torch.optim.AdamW([torch.zeros(1, requires_grad=True)])), "base_optimizer"),
+    (dict(always_perturb="bias"), "always_perturb"),
+    (dict(always_perturb=["(bias"]), "always_perturb pattern"),
+])
+def test_bad_arguments_raise_value_error_naming_the_value(kwargs, match):
+    model = TinyNet()
+    kwargs = {"base_optimizer": torch.optim.AdamW, **kwargs}
+    with pytest.raises(ValueError, match=match.replace("(", r"\(")):
+        fsam_ds.FSAM(model.named_parameters(), lr=1e-3, **kwargs)
+
+
+def test_unnamed_parameters_warn_that_patterns_match_nothing():
+    with pytest.warns(UserWarning, match="named_parameters"):
+        fsam_ds.FSAM(TinyNet().parameters(), torch.optim.SGD, lr=0.1)
+
+
+def test_nonfinite_gradient_stops_before_touching_weights():
+    model = TinyNet()
+    opt = fsam_ds.FSAM(model.named_parameters(), torch.optim.SGD, lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    loss_of(model, batches(1)[0]).backward()
+    model.fc1.weight.grad[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="gradient norm is nan"):
+        opt.first_step()
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), before))
+
+
+def ddp_rank(rank, world_size):
+    """Each rank trains a DDP replica on its half of every global batch."""
+    torch.manual_seed(0)
+    model = TinyNet()
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    opt = fsam_ds.FSAM(ddp.named_parameters(), torch.optim.AdamW, sparsity=0.9, mask_interval=2, **ADAMW)
+    for tokens, labels in batches(6, seed=7):
+        part = (tokens.chunk(world_size)[rank], labels.chunk(world_size)[rank])
+        loss_of(ddp, part).backward(); opt.first_step(zero_grad=True)
+        loss_of(ddp, part).backward(); opt.second_step(zero_grad=True)
+    return [p.detach() for p in model.parameters()]
+
+
+def test_ddp_two_ranks_equal_one_process():
+    results = run_ranks(ddp_rank, 2)
+    torch.manual_seed(0)
+    model = TinyNet()
+    ref = ReferenceFSAM(model.named_parameters(), torch.optim.AdamW, rho=0.05, sparsity=0.9,
+                        mask_interval=2, **ADAMW)
+    for batch in batches(6, seed=7):
+        loss_of(model, batch).backward(); ref.first_step(); ref.zero_grad()
+        loss_of(model, batch).backward(); ref.second_step(); ref.zero_grad()
+    for rank_params in results:
+        diff = max((p - q).abs().max().item() for p, q in zip(rank_params, model.parameters()))
+        assert diff < 1e-6
