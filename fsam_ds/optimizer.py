@@ -50,9 +50,11 @@ class FSAM(torch.optim.Optimizer):
 
         self.process_group = None      # the group the shards are spread over; None = replicated
         self.engine_driven = False     # True under DeepSpeed: step() is called by the engine
+        self.allow_base_steps = False  # step() outside an FSAM step = base step (DeepSpeed set-up)
         self.num_steps = 0             # t: completed FSAM steps
         self.last_stats: dict = {}     # threshold, mask density, norms of the latest step
         self._phase = _READY
+        self._base_stepped = False     # the base optimizer stepped in the current FSAM step
         self._layouts: dict = {}       # id(tensor) -> ShardLayout for tensors that are not params
         self._masks: dict = {}         # id(tensor) -> (tensor, bool mask)
         self._saved: dict = {}         # id(tensor) -> (tensor, original values at the mask)
@@ -116,8 +118,9 @@ class FSAM(torch.optim.Optimizer):
         self._check_not_engine_driven("second_step")
         self.restore_remaining()
         self.base_optimizer.step()
+        self._base_stepped = True
         self._opt_called = True  # torch LR schedulers look for this; second_step bypasses step()
-        self.end_step(stepped=True)
+        self.end_step()
         if zero_grad:
             self.zero_grad()
 
@@ -128,15 +131,18 @@ class FSAM(torch.optim.Optimizer):
         if self._phase == _CAPTURING:
             self._captured.extend(self._current_grads(clone=True))
             return None
-        if self.engine_driven:
-            if self._phase != _PERTURBED:
-                raise RuntimeError("FSAM under DeepSpeed must be driven by fsam_ds.train_step(); "
-                                   "engine.step() was called outside an FSAM step")
+        if self._phase == _PERTURBED and self.engine_driven:
             with torch.no_grad():
                 for group in self.param_groups:   # under ZeRO-1/2: the one group being stepped
                     for p in group["params"]:
                         self._restore(p)
+            self._base_stepped = True
             return self.base_optimizer.step()
+        if self.allow_base_steps:
+            return self.base_optimizer.step(closure)
+        if self.engine_driven:
+            raise RuntimeError("FSAM under DeepSpeed must be driven by fsam_ds.train_step(); "
+                               "engine.step() was called outside an FSAM step")
         if closure is None:
             raise RuntimeError("FSAM.step() needs a closure that runs forward + backward and "
                                "returns the loss; or call first_step() and second_step()")
@@ -164,15 +170,16 @@ class FSAM(torch.optim.Optimizer):
 
     @torch.no_grad()
     def perturb_captured(self) -> bool:
-        """Perturb the tensors whose gradients step() captured; False if none were (the engine
-        skipped the step, e.g. on an fp16 overflow)."""
+        """Perturb the tensors whose gradients step() captured. Returns False when nothing was
+        perturbed: no gradients reached us (the wrapper skipped the step on an fp16 overflow, so
+        this step's second pass runs at w) or rho == 0."""
+        if self._phase != _CAPTURING:
+            raise RuntimeError(f"FSAM.perturb_captured() called in phase '{self._phase}'")
         captured, self._captured = self._captured, []
-        if not captured:
-            self._phase = _READY
-            return False
-        self._perturb(captured)
         self._phase = _PERTURBED
-        return True
+        if captured:
+            self._perturb(captured)
+        return bool(self._saved)
 
     @torch.no_grad()
     def restore_remaining(self) -> bool:
@@ -182,10 +189,18 @@ class FSAM(torch.optim.Optimizer):
             self._restore(tensor)
         return restored
 
-    def end_step(self, stepped: bool) -> None:
+    def end_step(self) -> None:
+        """Close the FSAM step; it counts (for mask refreshes) only if the base optimizer stepped."""
         assert not self._saved, "FSAM.end_step() with weights still perturbed"
-        if stepped:
+        if self._base_stepped:
             self.num_steps += 1
+        self._base_stepped = False
+        self._phase = _READY
+
+    def abort_step(self) -> None:
+        """After an exception mid-step (weights already restored by the caller)."""
+        self._captured, self._saved = [], {}
+        self._base_stepped = False
         self._phase = _READY
 
     # ---- the step's math over this rank's tensors ---------------------------------------------
@@ -203,7 +218,7 @@ class FSAM(torch.optim.Optimizer):
     def _perturb(self, entries) -> None:
         cfg, group = self.config, self.process_group
         self._saved = {}
-        if cfg.rho == 0:
+        if cfg.rho == 0 or not entries:
             self.last_stats = {}
             return  # exactly the base optimizer: nothing to perturb, nothing to restore
         # 1. the global gradient norm (adaptive: of w*g); one all-reduce, checked before any write
@@ -269,6 +284,12 @@ class FSAM(torch.optim.Optimizer):
         if self.engine_driven:
             raise RuntimeError(f"FSAM.{method}() is the pure-PyTorch API; under DeepSpeed use "
                                "fsam_ds.train_step(engine, loss_fn, micro_batches)")
+
+    def state_bytes(self) -> int:
+        """Bytes FSAM itself holds on this rank between steps (masks; saved values while
+        perturbed), excluding the base optimizer's state."""
+        held = [mask for _, mask in self._masks.values()] + [v for _, v in self._saved.values()]
+        return sum(t.numel() * t.element_size() for t in held)
 
     # ---- checkpoints --------------------------------------------------------------------------
     def _indexed_tensors(self):

@@ -9,9 +9,10 @@ import torch
 
 class ReferenceFSAM:
     def __init__(self, named_params, base_optimizer, rho, sparsity, mask_interval=1,
-                 fisher="grad_sq", adaptive=False, always_perturb=("bias", "norm", "embed"), **kw):
+                 fisher="grad_sq", adaptive=False, always_perturb=("bias", "norm", "embed"),
+                 param_groups=None, **kw):
         self.names, self.params = zip(*[(n, p) for n, p in named_params])
-        self.base = base_optimizer(self.params, **kw)
+        self.base = base_optimizer(param_groups or self.params, **kw)
         self.rho, self.sparsity, self.interval = rho, sparsity, mask_interval
         self.fisher, self.adaptive, self.t, self.masks = fisher, adaptive, 0, None
         self.always = [any(re.search(p, n, re.I) for p in always_perturb) for n in self.names]
