@@ -141,7 +141,7 @@ def run_fsam_case(rank, world_size, case):
         for key, (tensor, mask) in fsam._masks.items():
             layout = fsam._layout(tensor)
             kept += int(layout.take_ranked(mask.view(-1)).sum())
-        result.update(kept=kept, num_ranked=fsam._global_counts[0],
+        result.update(kept=kept, num_ranked=(fsam._global_counts or (None,))[0],
                       state_bytes=fsam.state_bytes())
     engine.destroy() if hasattr(engine, "destroy") else None
     return result
