@@ -69,6 +69,9 @@ def resolve_optimizer_class(name: str):
 
 
 def _base_optimizer_from_block(block) -> tuple:
+    if block is None:
+        raise ValueError('The config has no "optimizer" block naming the base optimizer, e.g. '
+                         '"optimizer": {"type": "AdamW", "params": {"lr": 1e-5}}')
     if not isinstance(block, dict) or "type" not in block:
         raise ValueError('The "optimizer" config block must be an object with a "type", e.g. '
                          '{"type": "AdamW", "params": {"lr": 1e-5}}')
@@ -149,6 +152,25 @@ def initialize(model, config, model_parameters=None, **deepspeed_kwargs):
                                   model_parameters=model_parameters, **deepspeed_kwargs)
     _attach(result[0])
     return result
+
+
+def initialize_base(model, config, model_parameters=None, **deepspeed_kwargs):
+    """Plain DeepSpeed training with the torch base optimizer that fsam_ds.initialize would wrap
+    (the config's "optimizer" block; any "fsam" block is ignored): a like-for-like AdamW baseline."""
+    import deepspeed
+
+    config = load_config(config)
+    base_cls, base_kwargs = _base_optimizer_from_block(config.get("optimizer"))
+    ds_config = _deepspeed_config_for_client_optimizer(config)
+    params = list(model_parameters) if model_parameters is not None else [
+        p for p in model.parameters() if p.requires_grad]
+    try:
+        base = base_cls(params, **base_kwargs)
+    except TypeError as err:
+        raise ValueError(f'Invalid "optimizer" params {sorted(base_kwargs)} for '
+                         f"{base_cls.__name__}: {err}") from None
+    return deepspeed.initialize(model=model, optimizer=base, config=ds_config,
+                                model_parameters=params, **deepspeed_kwargs)
 
 
 def _attach(engine) -> deepspeed_adapter.EngineView:

@@ -43,21 +43,20 @@ def fisher_scores(grad: torch.Tensor, exp_avg_sq: torch.Tensor | None = None) ->
     return grad * grad
 
 
-def norm_sq_terms(weight: torch.Tensor, grad: torch.Tensor, mask: torch.Tensor, adaptive: bool):
-    """Local sums (||x||^2, ||m*x*s||^2-without-scale) for x = g (or w*g when adaptive).
-
-    Returns a fp32 tensor [sum x^2, sum (m * d)^2] where d is the perturbation direction before
-    scaling (g, or w*w*g when adaptive), so that after one all-reduce of both sums
-    ||e|| = rho * sqrt(second) / (sqrt(first) + eps)."""
+def norm_sq_terms(weight: torch.Tensor, grad: torch.Tensor, mask: torch.Tensor | None,
+                  adaptive: bool) -> torch.Tensor:
+    """Local fp32 sums [||x||^2, ||m*d||^2] with x = g (adaptive: w*g) and d = g (adaptive: w*w*g),
+    so that after one all-reduce ||g|| = sqrt(first) and ||e|| = scale * sqrt(second).
+    mask=None leaves the second sum 0 (the mask is not known yet)."""
     grad = grad.detach().float()
-    if adaptive:
-        w = weight.detach().float()
-        x = w * grad
-        d_masked = (w * w * grad)[mask]
+    w = weight.detach().float()
+    x = w * grad if adaptive else grad
+    if mask is None:
+        masked_sq = x.new_zeros(())
     else:
-        x = grad
-        d_masked = grad[mask]
-    return torch.stack([x.pow(2).sum(), d_masked.pow(2).sum()])
+        d = (w * x if adaptive else grad)[mask]
+        masked_sq = d.pow(2).sum()
+    return torch.stack([x.pow(2).sum(), masked_sq])
 
 
 def perturb_(weight: torch.Tensor, grad: torch.Tensor, mask: torch.Tensor, scale: float,

@@ -221,27 +221,35 @@ class FSAM(torch.optim.Optimizer):
         if cfg.rho == 0 or not entries:
             self.last_stats = {}
             return  # exactly the base optimizer: nothing to perturb, nothing to restore
-        # 1. the global gradient norm (adaptive: of w*g); one all-reduce, checked before any write
-        norm_sq = torch.zeros((), dtype=torch.float32, device=entries[0][1].device)
-        for w, g in entries:
-            x = g.float() * w.float() if cfg.adaptive else g.float()
-            norm_sq += x.pow(2).sum()
-        collectives.all_reduce_sum_(norm_sq, group)
-        grad_norm = math.sqrt(float(norm_sq))
+        # 1. the global gradient norm (adaptive: of w*g) and ||m*d||, in one all-reduce; on refresh
+        #    steps the mask comes later, so ||m*d|| takes a second one. Checked before any write.
+        refresh = (self.num_steps % cfg.mask_interval == 0 or not self._masks_valid
+                   or any(id(w) not in self._masks for w, _ in entries))
+        sums = self._sum_norm_terms(entries, use_mask=not refresh)
+        grad_norm = math.sqrt(float(sums[0]))
         if not math.isfinite(grad_norm):
             raise FloatingPointError(
                 f"FSAM: the first-pass gradient norm is {grad_norm}; the weights were not "
                 "perturbed. Lower the learning rate, or use fp16 loss scaling, which skips such steps.")
         # 2. the mask, on refresh steps (collective: the exact top-k threshold)
-        if (self.num_steps % cfg.mask_interval == 0 or not self._masks_valid
-                or any(id(w) not in self._masks for w, _ in entries)):
+        if refresh:
             self._refresh_masks(entries)
+            sums[1] = self._sum_norm_terms(entries, use_mask=True)[1]
         # 3. e on the masked elements of each local tensor, original values saved for restore
         scale = cfg.rho / (grad_norm + fisher_math.NORM_EPS)
         for w, g in entries:
             mask = self._masks[id(w)][1]
             self._saved[id(w)] = (w, fisher_math.perturb_(w, g, mask, scale, cfg.adaptive))
-        self.last_stats.update(grad_norm=grad_norm, perturb_scale=scale)
+        self.last_stats.update(grad_norm=grad_norm, perturb_scale=scale,
+                               perturbation_norm=scale * math.sqrt(float(sums[1])))
+
+    def _sum_norm_terms(self, entries, use_mask: bool) -> torch.Tensor:
+        """[||x||^2, ||m*d||^2] summed over this rank's tensors, then over the group."""
+        sums = torch.zeros(2, dtype=torch.float32, device=entries[0][1].device)
+        for w, g in entries:
+            mask = self._masks[id(w)][1] if use_mask else None
+            sums += fisher_math.norm_sq_terms(w, g, mask, self.config.adaptive)
+        return collectives.all_reduce_sum_(sums, self.process_group)
 
     def _refresh_masks(self, entries) -> None:
         cfg, group = self.config, self.process_group

@@ -106,6 +106,7 @@ def test_sparsity_zero_is_sam():
         davda54_sam_step(sam_model, base, batch, rho=0.1)
     assert max_diff(model, sam_model) < 1e-6
     assert opt.last_stats["mask_density"] == 1.0
+    assert opt.last_stats["perturbation_norm"] == pytest.approx(0.1, rel=1e-5)  # ||e|| = rho
 
 
 def test_rho_zero_is_the_base_optimizer_bit_for_bit():
