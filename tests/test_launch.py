@@ -115,24 +115,24 @@ def single_rank_env():
 
 def test_offline_default_model_and_data_improve_over_the_untrained_head(tmp_path):
     """The README's main job in miniature: real all-MiniLM-L6-v2, real movie-review sentences,
-    loaded with the hub switched off; 40 FSAM steps beat the untrained classifier head."""
+    loaded with the hub switched off; 50 FSAM steps beat the untrained classifier head."""
     data = tmp_path / "data"
     subprocess.run([sys.executable, "launch/prepare_data.py", "movie_reviews", str(data)], cwd=REPO, check=True)
     cfg = json.load(open(os.path.join(REPO, "ds_configs", "default_cpu_zero2_fsam.json")))
-    cfg["optimizer"]["params"]["lr"] = 1e-4
-    cfg["scheduler"]["params"].update(warmup_max_lr=1e-4, warmup_num_steps=5)
+    cfg["optimizer"]["params"]["lr"] = 2e-4   # a short run: a larger step than the default job's
+    cfg["scheduler"]["params"].update(warmup_max_lr=2e-4, warmup_num_steps=5)
     with open(tmp_path / "ds.json", "w") as f:
         json.dump(cfg, f)
     proc = run([sys.executable, "launch/train.py", "--deepspeed_config", str(tmp_path / "ds.json"),
                 "--model_name_or_path", prepare_data.model_dir(),
                 "--train_file", str(data / "train.jsonl"), "--validation_file", str(data / "validation.jsonl"),
-                "--max_steps", "40", "--max_seq_length", "48", "--max_eval_samples", "300",
+                "--max_steps", "50", "--max_seq_length", "48", "--max_eval_samples", "300",
                 "--eval_before", "--output_dir", str(tmp_path / "out")], env=single_rank_env())
     assert proc.returncode == 0, proc.stderr[-5000:]
     metrics = json.load(open(tmp_path / "out" / "metrics.json"))
     before, after = metrics["validation_before"]["accuracy"], metrics["validation"]["accuracy"]
     print(f"offline MiniLM movie reviews: accuracy {before:.3f} -> {after:.3f}")
-    assert after > before + 0.05 and after > 0.6
+    assert after > before + 0.1 and after > 0.65
 
 
 def write(path, text):

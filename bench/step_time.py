@@ -1,0 +1,175 @@
+"""Step time and peak memory of AdamW, SAM and FSAM under DeepSpeed ZeRO, all in one process.
+
+    torchrun --nproc_per_node 4 bench/step_time.py --model 350m --zero_stage 2 --out step_time.json
+    DS_ACCELERATOR=cpu python bench/step_time.py --model tiny --zero_stage 2 --out /tmp/step_time.json
+
+A randomly initialised GPT-2-shaped model (bf16 on GPU, fp32 on CPU) trains on random tokens
+(labels = inputs) with torch AdamW (lr 1e-5) and gradient clipping 1.0. The variants run one after
+the other in the same process, each on a fresh model and engine (the previous one destroyed and
+its memory freed), so their ratios share the machine's state:
+
+  adamw            fsam_ds.engine.initialize_base: plain DeepSpeed around the same torch AdamW
+  sam              FSAM with sparsity 0 and rho 0.05: two passes, every element perturbed
+  fsam_every_step  sparsity 0.9, mask refreshed every step: the threshold's worst case
+  fsam_every_100   sparsity 0.9, mask refreshed every 100 steps. With ~10 steps the only refresh
+                   is step 0, which the warm-up absorbs: the timed steps are the steady state
+                   between refreshes, as in a real run (the JSON lists the refresh steps).
+
+Each step is timed between torch.cuda.synchronize() calls; a step's time is the slowest rank's.
+Peak memory is torch.cuda.max_memory_allocated over the variant's steps (reset after the engine is
+built), the fullest rank's. Rank 0 writes the JSON (rewritten after every variant, so a crash
+keeps the finished ones) and prints a markdown row.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import benchlib
+from benchlib import fmt_bytes, fmt_ratio, fmt_seconds, ratio
+
+RATIOS = [("sam", "adamw"), ("fsam_every_step", "sam"), ("fsam_every_100", "sam"),
+          ("fsam_every_step", "adamw"), ("fsam_every_100", "adamw")]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="tiny", choices=sorted(benchlib.PRESETS))
+    p.add_argument("--seq_len", type=int, default=128)
+    p.add_argument("--micro_batch", type=int, default=2, help="sequences per rank per step")
+    p.add_argument("--zero_stage", type=int, default=2, choices=[2, 3])
+    p.add_argument("--activation_checkpointing", action="store_true")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant")
+    p.add_argument("--steps", type=int, default=8, help="timed steps per variant")
+    p.add_argument("--variants", default=",".join(benchlib.STEP_VARIANTS),
+                   help="comma-separated subset of " + ",".join(benchlib.STEP_VARIANTS))
+    p.add_argument("--out", required=True, help="JSON result file (written by rank 0)")
+    return p
+
+
+def check_args(args) -> list:
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in variants if v not in benchlib.STEP_VARIANTS]
+    if unknown or not variants:
+        raise SystemExit(f"--variants {args.variants!r}: unknown {unknown}; choose from "
+                         f"{list(benchlib.STEP_VARIANTS)}")
+    if args.steps < 1 or args.warmup < 0:
+        raise SystemExit(f"--steps must be >= 1 and --warmup >= 0 (got {args.steps}, {args.warmup})")
+    return variants
+
+
+def refresh_steps(fsam_block, num_steps: int) -> list:
+    """Optimizer steps (0-based) on which FSAM recomputes the mask: t % mask_interval == 0."""
+    if fsam_block is None:
+        return []
+    return list(range(0, num_steps, fsam_block["mask_interval"]))
+
+
+def run_variant(name: str, args, rt: benchlib.Runtime, batches) -> dict:
+    fsam_block = benchlib.STEP_VARIANTS[name]
+    benchlib.collect_memory(rt)
+    memory_before_build = benchlib.allocated_bytes(rt)  # what the previous variant left behind
+    model = benchlib.build_gpt2(args.model, args.seq_len, rt, args.activation_checkpointing)
+    num_params = benchlib.count_parameters(model)
+    engine = benchlib.build_engine(model, benchlib.ds_config(rt, args.zero_stage, args.micro_batch,
+                                                             fsam_block))
+    del model
+    step = benchlib.plain_step if fsam_block is None else benchlib.fsam_step
+    benchlib.sync(rt)
+    memory_after_build = benchlib.allocated_bytes(rt)
+    benchlib.reset_peak(rt)
+
+    step_times = []
+    for input_ids in batches:
+        benchlib.sync(rt)
+        start = time.perf_counter()
+        step(engine, input_ids)
+        benchlib.sync(rt)
+        step_times.append(time.perf_counter() - start)
+    step_times = benchlib.max_over_ranks(step_times, rt)
+    peak, after_build = benchlib.max_over_ranks([benchlib.peak_bytes(rt), memory_after_build], rt)
+
+    result = {
+        "fsam_config": fsam_block,
+        "num_params": num_params,
+        "timed": benchlib.summarize_times(step_times[args.warmup:]),
+        "step_times_s": step_times,          # every step, warm-up included, slowest rank
+        "peak_memory_bytes": peak,
+        "memory_after_build_bytes": after_build,
+        "memory_before_build_bytes": memory_before_build,
+        "refresh_steps": refresh_steps(fsam_block, len(batches)),
+    }
+    result["timed_refresh_steps"] = [t for t in result["refresh_steps"] if t >= args.warmup]
+    fsam = getattr(engine, "_fsam", None)
+    if fsam is not None:
+        result["fsam_num_steps"] = fsam.num_steps
+        result["fsam_state_bytes_rank0"] = fsam.state_bytes()
+        result["fsam_last_stats"] = dict(fsam.last_stats)
+    benchlib.release_engine(engine)
+    del engine
+    benchlib.collect_memory(rt)
+    return result
+
+
+def summary_row(result: dict) -> tuple:
+    cfg, variants, ratios = result["config"], result["variants"], result["ratios"]
+    median = {n: v["timed"]["median_s"] for n, v in variants.items()}
+    header = ["model", "ZeRO", "ranks", "seq x mb", "ckpt"] + \
+             [f"{n} median" for n in benchlib.STEP_VARIANTS] + \
+             [f"{a}/{b}" for a, b in RATIOS[:3]] + ["peak adamw", "peak fsam_every_100"]
+    row = [cfg["model"], cfg["zero_stage"], cfg["world_size"],
+           f"{cfg['seq_len']}x{cfg['micro_batch']}", "yes" if cfg["activation_checkpointing"] else "no"]
+    row += [fmt_seconds(median.get(n)) for n in benchlib.STEP_VARIANTS]
+    row += [fmt_ratio(ratios.get(f"{a}/{b}")) for a, b in RATIOS[:3]]
+    row += [fmt_bytes(variants.get(n, {}).get("peak_memory_bytes")) for n in ("adamw", "fsam_every_100")]
+    return header, row
+
+
+def run(args) -> dict:
+    """Every rank runs this; rank 0 writes args.out and returns the result (others return it too)."""
+    variants = check_args(args)
+    rt = benchlib.start(use_deepspeed=True)
+    vocab = benchlib.PRESETS[args.model]["vocab_size"]
+    batches = benchlib.random_token_batches(args.warmup + args.steps, args.micro_batch,
+                                            args.seq_len, vocab, rt)
+    result = {
+        "benchmark": "step_time",
+        "config": {"model": args.model, **benchlib.PRESETS[args.model], "seq_len": args.seq_len,
+                   "micro_batch": args.micro_batch, "zero_stage": args.zero_stage,
+                   "activation_checkpointing": args.activation_checkpointing,
+                   "dtype": str(benchlib.model_dtype(rt)), "warmup": args.warmup,
+                   "steps": args.steps, "world_size": rt.world_size,
+                   "optimizer": benchlib.BASE_OPTIMIZER,
+                   "gradient_clipping": benchlib.GRADIENT_CLIPPING,
+                   "always_perturb": benchlib.GPT2_ALWAYS_PERTURB},
+        "environment": benchlib.environment(rt),
+        "variants": {}, "ratios": {},
+        "notes": ["step time = slowest rank's, median over the timed steps",
+                  "fsam_every_100 refreshes its mask at step 0 only (inside the warm-up); its "
+                  "timed steps reuse the mask, see timed_refresh_steps",
+                  "peak memory = torch.cuda.max_memory_allocated over the variant's steps, "
+                  "fullest rank; null on CPU"],
+    }
+    for name in variants:
+        result["variants"][name] = run_variant(name, args, rt, batches)
+        result["ratios"] = {f"{a}/{b}": ratio(result["variants"][a]["timed"]["median_s"],
+                                              result["variants"][b]["timed"]["median_s"])
+                            for a, b in RATIOS
+                            if a in result["variants"] and b in result["variants"]}
+        benchlib.write_result(args.out, result, rt)
+        if rt.is_main:
+            v = result["variants"][name]
+            print(f"[step_time] {name}: median {fmt_seconds(v['timed']['median_s'])}, "
+                  f"peak {fmt_bytes(v['peak_memory_bytes'])}, refresh steps "
+                  f"{v['refresh_steps']} (timed: {v['timed_refresh_steps']})", flush=True)
+    header, row = summary_row(result)
+    result["markdown"] = {"header": header, "row": row}
+    benchlib.write_result(args.out, result, rt)
+    if rt.is_main:
+        print(benchlib.markdown_table(header, [row]), flush=True)
+    benchlib.finish(rt)
+    return result
+
+
+if __name__ == "__main__":
+    run(build_parser().parse_args())
