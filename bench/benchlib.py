@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import gc
+import importlib.metadata
 import json
 import logging
 import math
@@ -264,11 +265,11 @@ def environment(rt: Runtime) -> dict:
         "world_size": rt.world_size, "device": "cpu", "command": " ".join(sys.argv),
         "git_commit": _git_commit(),
     }
-    for module in ("deepspeed", "transformers"):
-        try:
-            info[module] = __import__(module).__version__
-        except Exception:  # noqa: BLE001 (threshold.py needs neither)
-            info[module] = None
+    for package in ("deepspeed", "transformers"):
+        try:   # the installed version, without importing it (threshold.py needs neither)
+            info[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            info[package] = None
     if rt.on_cuda:
         info["device"] = torch.cuda.get_device_name(rt.device)
         info["cuda"] = torch.version.cuda

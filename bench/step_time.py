@@ -100,6 +100,8 @@ def run_variant(name: str, args, rt: benchlib.Runtime, batches) -> dict:
         "refresh_steps": refresh_steps(fsam_block, len(batches)),
     }
     result["timed_refresh_steps"] = [t for t in result["refresh_steps"] if t >= args.warmup]
+    # steps DeepSpeed skipped (inf/NaN gradients): a skipped FSAM step runs only one pass
+    result["skipped_steps"] = engine.skipped_steps
     fsam = getattr(engine, "_fsam", None)
     if fsam is not None:
         result["fsam_num_steps"] = fsam.num_steps

@@ -4,16 +4,18 @@
     fsam_ds.initialize           deepspeed.initialize with FSAM built from the config
     fsam_ds.train_step           one FSAM step (two passes) of a DeepSpeed engine
     fsam_ds.exact_topk_threshold the sharded exact top-k threshold (radix select)
+    fsam_ds.checkpoint           crash-safe save/load (latest moves only after all ranks wrote)
 Importing fsam_ds registers "FSAM" as a DeepSpeed optimizer type (as torch.optim.FSAM).
 """
 import torch
 
+from fsam_ds import checkpoint
 from fsam_ds.config import FSAMConfig
 from fsam_ds.engine import initialize, train_step
 from fsam_ds.optimizer import FSAM
 from fsam_ds.topk_threshold import exact_topk_threshold
 
-__all__ = ["FSAM", "FSAMConfig", "initialize", "train_step", "exact_topk_threshold"]
+__all__ = ["FSAM", "FSAMConfig", "initialize", "train_step", "exact_topk_threshold", "checkpoint"]
 __version__ = "0.1.0"
 
 

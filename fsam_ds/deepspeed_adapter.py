@@ -50,6 +50,7 @@ class EngineView:
     engine: object
     layouts: dict              # id(fp32 tensor the client sees) -> ShardLayout
     process_group: object      # group the shards are spread over; None when replicated
+    optimizer_state_linked: bool = False
 
     def publish_master_weights(self) -> None:
         """Make the next forward use the current fp32 masters (perturbed or restored)."""
@@ -90,6 +91,28 @@ class EngineView:
             engine.zero_grad()  # the unfused wrapper clears only its fp32 copies' gradients
         engine.micro_steps += 1
         return overflow
+
+    def link_optimizer_state(self) -> None:
+        """ZeRO-1/2 and BF16_Optimizer link each parameter to its slice of the optimizer state
+        (used by safe_get_full_optimizer_state and checkpoint tools) lazily, after the client's
+        first step() - under FSAM that is the first pass's capture, before the base optimizer has
+        any state - and never again. Link once more after the first base step."""
+        opt = self.engine.optimizer
+        if self.optimizer_state_linked or not hasattr(opt, "_hp_optimizer_states_linked"):
+            return
+        if len(opt.optimizer.state) == 0:
+            return  # the base optimizer has not stepped yet (e.g. a skipped first step)
+        opt._hp_optimizer_states_linked = False
+        opt._lazy_init_hp_params_optimizer_state()
+        self.optimizer_state_linked = True
+
+    def record_skipped_step(self) -> None:
+        """Count a step skipped after a first-pass overflow the way the engine counts its own
+        skipped steps (global step and samples advance, the LR schedule does not)."""
+        engine = self.engine
+        engine.global_steps += 1
+        engine.global_samples += engine.train_batch_size()
+        engine.skipped_steps += 1
 
 
 def attach(engine, fsam) -> EngineView:

@@ -215,10 +215,18 @@ def train_step(engine, loss_fn, micro_batches) -> float:
             engine.step()   # not a boundary: only advances DeepSpeed's micro-step counter
     fsam.begin_capture()
     try:
-        view.first_pass_optimizer_step()
+        overflow = view.first_pass_optimizer_step()
         # 2. norm, mask and e on the local shards; DeepSpeed publishes the perturbed shards
         if fsam.perturb_captured():
             view.publish_master_weights()
+        if overflow:
+            # The wrapper found inf/NaN in the first-pass gradients (fp16 overflow, or a non-finite
+            # gradient in bf16/fp32) and skipped. The whole FSAM step is skipped, as DeepSpeed skips
+            # a plain step: w untouched, loss scale lowered, the step counted as skipped.
+            view.record_skipped_step()
+            fsam.end_step()
+            fsam.last_stats.update(loss=_mean(first_losses), skipped=True)
+            return _mean(first_losses)
         # 3. second pass at w + e; the engine's step restores w and takes the base step
         second_losses = []
         for batch in micro_batches:
@@ -233,8 +241,10 @@ def train_step(engine, loss_fn, micro_batches) -> float:
     if fsam.restore_remaining():
         view.publish_master_weights()
     fsam.end_step()
+    view.link_optimizer_state()
     first, second = _mean(first_losses), _mean(second_losses)
-    fsam.last_stats.update(loss=first, perturbed_loss=second, sharpness=second - first)
+    fsam.last_stats.update(loss=first, perturbed_loss=second, sharpness=second - first,
+                           skipped=bool(getattr(engine.optimizer, "overflow", False)))
     return first
 
 

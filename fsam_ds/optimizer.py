@@ -12,6 +12,7 @@ rank's fp32 partitions, described by `set_shard_layouts`.
 """
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 
@@ -23,6 +24,7 @@ from fsam_ds.shard_layout import ShardLayout
 from fsam_ds.topk_threshold import exact_topk_threshold
 
 _READY, _CAPTURING, _PERTURBED = "ready", "capturing", "perturbed"
+logger = logging.getLogger("fsam_ds")
 
 
 class FSAM(torch.optim.Optimizer):
@@ -292,6 +294,13 @@ class FSAM(torch.optim.Optimizer):
         if self.engine_driven:
             raise RuntimeError(f"FSAM.{method}() is the pure-PyTorch API; under DeepSpeed use "
                                "fsam_ds.train_step(engine, loss_fn, micro_batches)")
+
+    def invalidate_masks(self, reason: str) -> None:
+        """Forget the masks; the next step recomputes them (a collective: call on all ranks)."""
+        if self._masks_valid or self._masks:
+            warnings.warn(f"FSAM: {reason}; the mask is recomputed at the next step.")
+        self._masks, self._masks_valid = {}, False
+        logger.warning("FSAM masks invalidated (%s); recomputed at the next step", reason)
 
     def state_bytes(self) -> int:
         """Bytes FSAM itself holds on this rank between steps (masks; saved values while

@@ -44,6 +44,8 @@ parser.add_argument("--eval_before", action="store_true", help="also evaluate be
 parser.add_argument("--log_every", type=int, default=10)
 parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir/checkpoints")
 parser.add_argument("--save_every", type=int, default=0, help="checkpoint every N optimizer steps (0: only at the end)")
+parser.add_argument("--timeout_minutes", type=float, default=10.0,
+                    help="a collective that waits this long (e.g. a dead rank) fails the job")
 parser.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
 args = parser.parse_args()
 
@@ -163,8 +165,10 @@ def collate(examples):
 
 # -------------------------------------------------------------------------------- distributed
 on_cpu = os.environ.get("DS_ACCELERATOR") == "cpu" or not torch.cuda.is_available()
+from datetime import timedelta  # noqa: E402
+
 deepspeed.init_distributed(dist_backend="gloo" if on_cpu else "nccl", auto_mpi_discovery=True,
-                           verbose=False)
+                           verbose=False, timeout=timedelta(minutes=args.timeout_minutes))
 rank, world_size = dist.get_rank(), dist.get_world_size()
 master_process = rank == 0
 local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -303,15 +307,37 @@ def monitor(events):
 # -------------------------------------------------------------------------------- resume
 ckpt_dir = os.path.join(args.output_dir, "checkpoints")
 start_step = 0
+
+
+def save(step):
+    """A crash-safe checkpoint: `latest` names it only once every rank has written it. The RNG
+    states ride along so that dropout after a resume is the dropout of the uninterrupted run."""
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and not on_cpu:
+        rng["cuda"] = torch.cuda.get_rng_state()
+    fsam_ds.checkpoint.save_checkpoint(engine, ckpt_dir, tag=f"step{step}",
+                                       client_state={"step": step}, rank_state={"rng": rng})
+
+
 if args.resume:
-    if os.path.isfile(os.path.join(ckpt_dir, "latest")):
-        load_path, client_state = engine.load_checkpoint(ckpt_dir)
-        if load_path is None:
-            fail(f"--resume: could not load the checkpoint named by {ckpt_dir}/latest")
-        start_step = int(client_state.get("step", 0))
-        log(f"[train] resumed from {load_path} at step {start_step}")
-    else:
+    try:
+        tag, client_state, rank_state = fsam_ds.checkpoint.load_checkpoint(engine, ckpt_dir)
+    except ValueError as err:
+        fail(f"--resume: {err}")
+    if tag is None:
         log(f"[train] --resume: no checkpoint in {ckpt_dir}; starting from scratch")
+    else:
+        start_step = int(client_state.get("step", 0))
+        rng = (rank_state or {}).get("rng")
+        if rng is None:
+            log("[train] warning: the checkpoint has no RNG state for this rank (another world "
+                "size?); dropout after the resume differs from an uninterrupted run")
+        else:
+            torch.set_rng_state(rng["torch"])
+            random.setstate(rng["python"])
+            if "cuda" in rng and not on_cpu:
+                torch.cuda.set_rng_state(rng["cuda"])
+        log(f"[train] resumed from {ckpt_dir}/{tag} at step {start_step}")
 
 # -------------------------------------------------------------------------------- train
 metrics = {"optimizer": choice, "world_size": world_size, "zero_stage": engine.zero_optimization_stage(),
@@ -368,7 +394,7 @@ while step < total_steps:
             extra = f" sharpness {stats['sharpness']:+.4f} density {stats.get('mask_density', 0):.3f}" if fsam else ""
             print(f"[train] step {step}/{total_steps} loss {loss:.4f} lr {engine.get_lr()[0]:.3g}{extra}", flush=True)
         if args.save_every and step % args.save_every == 0:
-            engine.save_checkpoint(ckpt_dir, tag=f"step{step}", client_state={"step": step})
+            save(step)
     if step < total_steps and (step % steps_per_epoch == 0):
         result = evaluate(val_set)
         log(f"[eval] epoch {epoch + 1}: {result}")
@@ -386,8 +412,8 @@ if test_set:
 metrics["history"] = history
 
 # -------------------------------------------------------------------------------- save
-if args.save_every:
-    engine.save_checkpoint(ckpt_dir, tag=f"step{step}", client_state={"step": step})
+if args.save_every and step % args.save_every != 0:
+    save(step)
 model_dir = os.path.join(args.output_dir, "model")
 with deepspeed.zero.GatheredParameters(list(model.parameters()), enabled=engine.zero_optimization_stage() == 3):
     if master_process:

@@ -75,3 +75,66 @@ def test_resume_between_mask_refreshes_is_bit_identical(resumed, stage):
         assert res["masks_equal"], f"rank {rank}: the mask was not restored"
         assert res["diff"] == 0.0, f"stage {stage} rank {rank}: resumed run differs by {res['diff']:.3g}"
         assert res["moved"] > 1e-2
+
+
+# ---- another world size: DeepSpeed's universal checkpoint ------------------------------------
+def _full_optimizer_state(engine):
+    from deepspeed.utils import safe_get_full_optimizer_state
+    return {(n, key): safe_get_full_optimizer_state(p, key).clone()
+            for n, p in engine.module.named_parameters() for key in ("exp_avg", "exp_avg_sq")}
+
+
+def save_on_ranks(rank, world_size, stages, root):
+    import fsam_ds
+    out = {}
+    for stage in stages:
+        engine = _engine(stage, world_size)
+        _train(engine, rank, world_size, range(SAVE_AT))
+        fsam_ds.checkpoint.save_checkpoint(engine, f"{root}/stage{stage}", tag="mid")
+        out[stage] = {"weights": zc.full_weights(engine), "optim": _full_optimizer_state(engine)}
+    return out
+
+
+def load_universal_on_ranks(rank, world_size, stages, root):
+    import fsam_ds
+    out = {}
+    for stage in stages:
+        model = zc.make_model()
+        config = zc.ds_config(stage, world_size, FSAM)
+        config["checkpoint"] = {"load_universal": True}
+        engine, *_ = fsam_ds.initialize(model=model, config=config, model_parameters=zc.param_groups(model))
+        fsam_ds.checkpoint.load_checkpoint(engine, f"{root}/stage{stage}", tag="mid_universal")
+        loaded = {"weights": zc.full_weights(engine), "optim": _full_optimizer_state(engine),
+                  "num_steps": engine._fsam.num_steps, "masks_valid": engine._fsam._masks_valid}
+        _train(engine, rank, world_size, range(SAVE_AT, STEPS))     # training goes on
+        fsam = engine._fsam
+        kept = sum(int(fsam._layout(t).take_ranked(m.view(-1)).sum()) for t, m in fsam._masks.values())
+        out[stage] = {**loaded, "kept": kept, "num_ranked": fsam._global_counts[0],
+                      "num_steps_after": fsam.num_steps}
+    return out
+
+
+def _convert_to_universal(folder):
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+                           "--input_folder", f"{folder}/mid", "--output_folder", f"{folder}/mid_universal"],
+                          capture_output=True, text=True, env=dict(__import__("os").environ, DS_ACCELERATOR="cpu"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("saved_on, resumed_on, stages", [(4, 2, (1, 2, 3)), (2, 4, (2,))])
+def test_resume_on_another_world_size_through_universal_checkpoints(tmp_path, saved_on, resumed_on, stages):
+    saved = run_ranks(save_on_ranks, saved_on, stages, str(tmp_path), deepspeed=True)[0]
+    for stage in stages:
+        _convert_to_universal(f"{tmp_path}/stage{stage}")
+    loaded = run_ranks(load_universal_on_ranks, resumed_on, stages, str(tmp_path), deepspeed=True)
+    for stage in stages:
+        res = loaded[0][stage]
+        assert zc.max_abs_diff(res["weights"], saved[stage]["weights"]) == 0.0
+        for key, value in saved[stage]["optim"].items():
+            assert torch.equal(res["optim"][key], value), f"stage {stage}: optimizer state {key} differs"
+        assert res["num_steps"] == SAVE_AT and not res["masks_valid"]   # mask recomputed next step
+        assert res["num_steps_after"] == STEPS
+        kept = sum(r[stage]["kept"] for r in loaded)
+        assert kept == -(-res["num_ranked"] // 10)

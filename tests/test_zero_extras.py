@@ -58,24 +58,28 @@ def rank_checks(rank, world_size):
     engine.optimizer.zero_grad()
     out["errors"] = errors
 
-    # a non-finite gradient in the second pass: ZeRO skips the step; FSAM must undo e exactly
+    # non-finite gradients: in the first pass of step 1 and the second pass of step 2. ZeRO finds
+    # the non-finite norm and skips; FSAM must skip the whole step and leave w exactly as it was.
     model = zc.make_model()
-    engine, *_ = fsam_ds.initialize(model=model, config=zc.ds_config(2, world_size, FSAM),
-                                    model_parameters=zc.param_groups(model))
-    calls = {"n": 0}
+    config = zc.ds_config(2, world_size, FSAM)
+    del config["scheduler"]   # its warm-up starts at lr 0: every step here must move the weights
+    engine, *_ = fsam_ds.initialize(model=model, config=config, model_parameters=zc.param_groups(model))
+    poison = {}   # step -> pass to poison; the loss_fn sees calls 1..GAS (first pass), then the rest
 
-    def poisoned_second_pass(engine, mb):
-        calls["n"] += 1
+    def poisoned(engine, mb):
+        poison["calls"] += 1
+        in_pass = 1 if poison["calls"] <= zc.GAS else 2
         loss = zc.loss_fn(engine, mb)
-        in_second_pass_of_step_2 = 2 * zc.GAS * 2 + zc.GAS < calls["n"] <= 2 * zc.GAS * 3
-        return loss * float("inf") if in_second_pass_of_step_2 else loss
+        return loss * float("inf") if poison.get(poison["step"]) == in_pass else loss
 
     snapshots = []
-    for batch in zc.global_batches(4):
-        fsam_ds.train_step(engine, poisoned_second_pass, zc.micro_batches(batch, rank, world_size))
+    for step, batch in enumerate(zc.global_batches(5)):
+        poison.update({"step": step, "calls": 0, 1: 1, 2: 2})
+        fsam_ds.train_step(engine, poisoned, zc.micro_batches(batch, rank, world_size))
         snapshots.append(zc.full_weights(engine))
     out["overflow"] = {"snapshots": snapshots, "num_steps": engine._fsam.num_steps,
-                       "global_steps": engine.global_steps, "skipped": engine.skipped_steps}
+                       "global_steps": engine.global_steps, "skipped": engine.skipped_steps,
+                       "lr": engine.get_lr()[0]}
     return out
 
 
@@ -130,10 +134,12 @@ def test_misuse_gets_clear_errors():
     assert "fsam_ds.train_step" in errors["engine_step"]
 
 
-def test_second_pass_overflow_skips_the_step_and_restores_the_weights_exactly():
+def test_nonfinite_gradients_in_either_pass_skip_the_step_and_leave_the_weights():
     res = results()[0]["overflow"]
     snaps = res["snapshots"]
-    assert zc.max_abs_diff(snaps[2], snaps[1]) == 0.0      # step 2 skipped: weights as before it
+    assert zc.max_abs_diff(snaps[1], snaps[0]) == 0.0      # first-pass inf at step 1: skipped
+    assert zc.max_abs_diff(snaps[2], snaps[1]) == 0.0      # second-pass inf at step 2: e undone
+    assert zc.max_abs_diff(snaps[0], zc.full_weights_of(zc.make_model())) > 0.0
     assert zc.max_abs_diff(snaps[3], snaps[2]) > 0.0       # and training goes on
-    assert res["skipped"] == 1 and res["global_steps"] == 4
+    assert res["skipped"] == 2 and res["global_steps"] == 5
     assert res["num_steps"] == 3                           # FSAM counts only steps it took

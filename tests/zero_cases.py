@@ -106,6 +106,10 @@ def full_weights(engine):
         return {n: p.detach().float().clone() for n, p in params}
 
 
+def full_weights_of(model):
+    return {n: p.detach().float().clone() for n, p in model.named_parameters()}
+
+
 def run_fsam_case(rank, world_size, case):
     """Train one case for case['steps'] FSAM steps; returns weights, losses and mask counts."""
     import deepspeed
