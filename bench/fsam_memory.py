@@ -16,7 +16,8 @@ padding excluded: the elements FSAM sees):
   perturb_phase_peak       max_memory_allocated during FSAM's perturb_captured() minus what was
                            allocated when it began: the norm, and on refresh steps the scores,
                            threshold and mask (the transient a refresh adds), CUDA only
-  step_peak                max_memory_allocated over a whole step; the differences fsam - adamw
+  step_peak                max_memory_allocated over a whole step, minus what was allocated
+                           before the variant's engine was built; the differences fsam - adamw
                            (what a user sees, activations included) and fsam refresh - fsam
                            reuse (the refresh's share) are reported, CUDA only
 
@@ -102,6 +103,8 @@ def local_counts(engine) -> dict:
 def run_variant(name: str, args, rt: benchlib.Runtime, batches) -> dict:
     fsam_block = VARIANTS[name]
     benchlib.collect_memory(rt)
+    # what earlier variants left allocated; subtracted before variants are compared
+    memory_before_build = benchlib.allocated_bytes(rt)
     model = benchlib.build_gpt2(args.model, args.seq_len, rt, args.activation_checkpointing)
     num_params = benchlib.count_parameters(model)
     engine = benchlib.build_engine(model, benchlib.ds_config(rt, args.zero_stage, args.micro_batch,
@@ -127,7 +130,8 @@ def run_variant(name: str, args, rt: benchlib.Runtime, batches) -> dict:
             probe = PerturbPhaseProbe(engine._fsam, rt)
         record["step_peak_bytes"] = peak
         steps.append(record)
-    result = {"num_params": num_params, "fsam_config": fsam_block, "steps": steps}
+    result = {"num_params": num_params, "fsam_config": fsam_block, "steps": steps,
+              "memory_before_build_bytes": memory_before_build}
     if probe is not None:
         result["local"] = local_counts(engine)
     benchlib.release_engine(engine)
@@ -165,6 +169,12 @@ def summarize(variants: dict, sort_extra, rt: benchlib.Runtime) -> dict:
     reuse, refresh = fsam["steps"][1], fsam["steps"][2]
     assert not reuse["refresh"] and refresh["refresh"], "mask_interval 2: step 1 reuses, 2 refreshes"
 
+    def own(variant, step, key):
+        """A step's allocator figure minus what was allocated before the variant's engine was
+        built (release_engine frees earlier engines; this keeps any leftover out)."""
+        value, before = variant["steps"][step][key], variant["memory_before_build_bytes"]
+        return None if value is None or before is None else value - before
+
     def diff(a, b):
         return None if a is None or b is None else a - b
 
@@ -176,14 +186,14 @@ def summarize(variants: dict, sort_extra, rt: benchlib.Runtime) -> dict:
         - sam["steps"][2]["persistent_bytes"],
         "perturb_phase_peak_refresh_bytes": refresh.get("perturb_phase_peak_bytes"),
         "perturb_phase_peak_reuse_bytes": reuse.get("perturb_phase_peak_bytes"),
-        "step_peak_fsam_refresh_minus_adamw_bytes": diff(refresh["step_peak_bytes"],
-                                                         adamw["steps"][2]["step_peak_bytes"]),
-        "step_peak_fsam_refresh_minus_sam_bytes": diff(refresh["step_peak_bytes"],
-                                                       sam["steps"][2]["step_peak_bytes"]),
-        "step_peak_fsam_refresh_minus_reuse_bytes": diff(refresh["step_peak_bytes"],
-                                                         reuse["step_peak_bytes"]),
+        "step_peak_fsam_refresh_minus_adamw_bytes": diff(own(fsam, 2, "step_peak_bytes"),
+                                                         own(adamw, 2, "step_peak_bytes")),
+        "step_peak_fsam_refresh_minus_sam_bytes": diff(own(fsam, 2, "step_peak_bytes"),
+                                                       own(sam, 2, "step_peak_bytes")),
+        "step_peak_fsam_refresh_minus_reuse_bytes": diff(own(fsam, 2, "step_peak_bytes"),
+                                                         own(fsam, 1, "step_peak_bytes")),
         "allocated_between_steps_fsam_minus_adamw_bytes": diff(
-            refresh["allocated_before_bytes"], adamw["steps"][2]["allocated_before_bytes"]),
+            own(fsam, 2, "allocated_before_bytes"), own(adamw, 2, "allocated_before_bytes")),
     }
     fsam_ds_per_param = {k.replace("_bytes", "_per_local_param"): per_param(v, local)
                          for k, v in fsam_ds.items()}

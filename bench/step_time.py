@@ -150,7 +150,8 @@ def run(args) -> dict:
                   "fsam_every_100 refreshes its mask at step 0 only (inside the warm-up); its "
                   "timed steps reuse the mask, see timed_refresh_steps",
                   "peak memory = torch.cuda.max_memory_allocated over the variant's steps, "
-                  "fullest rank; null on CPU"],
+                  "fullest rank; null on CPU. memory_before_build_bytes = what earlier variants "
+                  "left allocated (included in the peak; should be near 0)"],
     }
     for name in variants:
         result["variants"][name] = run_variant(name, args, rt, batches)

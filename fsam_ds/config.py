@@ -30,8 +30,9 @@ class FSAMConfig:
 
     def __post_init__(self):
         _check_number("rho", self.rho)
-        if not self.rho >= 0:
-            raise ValueError(f"Invalid rho: {self.rho} (must be >= 0; 0.05 is the paper's value)")
+        if not 0 <= self.rho < float("inf"):
+            raise ValueError(f"Invalid rho: {self.rho} (must be finite and >= 0; 0.05 is the "
+                             "paper's value)")
         _check_number("sparsity", self.sparsity)
         if not 0 <= self.sparsity < 1:
             raise ValueError(f"Invalid sparsity: {self.sparsity} (must be in [0, 1): 0 is SAM, "
@@ -45,7 +46,7 @@ class FSAMConfig:
         if not isinstance(self.adaptive, bool):
             raise ValueError(f"Invalid adaptive: {self.adaptive!r} (must be true or false)")
         patterns = self.always_perturb
-        if isinstance(patterns, str) or not all(isinstance(p, str) for p in patterns):
+        if not isinstance(patterns, (list, tuple)) or not all(isinstance(p, str) for p in patterns):
             raise ValueError(f"Invalid always_perturb: {patterns!r} (must be a list of name "
                              'patterns, e.g. ["bias", "norm", "embed"], or [] for none)')
         for p in patterns:
