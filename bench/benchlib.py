@@ -103,12 +103,19 @@ def start(use_deepspeed: bool, quiet: bool = True) -> Runtime:
         torch.set_num_threads(int(os.environ.get("BENCH_CPU_THREADS", "1")))
         device = torch.device("cpu")
     backend = "nccl" if on_cuda else "gloo"
+    # BENCH_DIST_BACKEND (e.g. "cpu:gloo,cuda:nccl") starts the process group with that backend
+    # string first; deepspeed.init_distributed then adopts it. This lets a library that issues a
+    # collective on a CPU tensor run over an NCCL world (fsam_ds did, at its first mask refresh).
+    group_backend = os.environ.get("BENCH_DIST_BACKEND")
+    if group_backend and not dist.is_initialized():
+        dist.init_process_group(group_backend, rank=rank, world_size=world_size,
+                                device_id=device if on_cuda else None)
     if use_deepspeed:
         import deepspeed
         if quiet:
             logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         deepspeed.init_distributed(dist_backend=backend, verbose=False)
-    elif world_size > 1:
+    elif world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend, rank=rank, world_size=world_size,
                                 device_id=device if on_cuda else None)
     return Runtime(rank, world_size, local_rank, device, on_cuda)
@@ -127,9 +134,11 @@ def build_gpt2(preset: str, seq_len: int, rt: Runtime, activation_checkpointing:
     from transformers import GPT2Config, GPT2LMHeadModel
     if preset not in PRESETS:
         raise ValueError(f"Unknown --model {preset!r}; choose one of {sorted(PRESETS)}")
+    # GPT-2's 1024 positions, more if the sequence needs them; no KV cache in training
     config = GPT2Config(**PRESETS[preset], n_positions=max(1024, seq_len), use_cache=False)
     torch.manual_seed(seed)
-    # Built directly on the GPU: a 7B random init on the host takes minutes.
+    # Built and initialised on the device: on the host a 7B model would first take 27 GB of
+    # fp32 host memory per rank, and be initialised by the CPU.
     with torch.device(rt.device):
         model = GPT2LMHeadModel(config)
     model = model.to(model_dtype(rt))
@@ -282,6 +291,8 @@ def environment(rt: Runtime) -> dict:
         "host": platform.node(), "python": platform.python_version(), "torch": torch.__version__,
         "world_size": rt.world_size, "device": "cpu", "command": " ".join(sys.argv),
         "git_commit": _git_commit(),
+        "dist_backend": dist.get_backend() if dist.is_initialized() else None,
+        "bench_dist_backend": os.environ.get("BENCH_DIST_BACKEND"),
     }
     for package in ("deepspeed", "transformers"):
         try:   # the installed version, without importing it (threshold.py needs neither)
@@ -300,10 +311,12 @@ def environment(rt: Runtime) -> dict:
 
 def _git_commit():
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
-                              text=True, timeout=10).stdout.strip() or None
+        out = subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], cwd=REPO_ROOT,
+                             capture_output=True, text=True, timeout=10).stdout.strip()
     except Exception:  # noqa: BLE001 (no git on the machine: not worth failing a benchmark)
         return None
+    # a copied working tree without the repository's objects answers "HEAD" or nothing
+    return out if len(out) == 40 else None
 
 
 def markdown_table(header, rows) -> str:

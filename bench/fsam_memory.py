@@ -11,7 +11,8 @@ padding excluded: the elements FSAM sees):
 
   persistent_bytes         engine._fsam.state_bytes() after a step: the masks kept between steps
   captured_grad_bytes      the first-pass gradient copies FSAM holds from the first-pass optimizer
-                           step until the perturbation is applied (read from the optimizer)
+                           step until the perturbation is applied (read from the optimizer;
+                           0 where fsam_ds keeps references instead of copies)
   saved_bytes              original values kept while perturbed (the masked elements only)
   perturb_phase_peak       max_memory_allocated during FSAM's perturb_captured() minus what was
                            allocated when it began: the norm, and on refresh steps the scores,
@@ -73,10 +74,14 @@ class PerturbPhaseProbe:
 
     def __call__(self):
         fsam, rt = self.fsam, self.rt
-        # private, read only: the gradient copies step() captured in the first pass
+        # private, read only: the gradients step() captured in the first pass; they cost memory
+        # only where fsam_ds copies them (clone_captured_grads, absent in older versions)
         captured = getattr(fsam, "_captured", [])
+        copied = getattr(fsam, "clone_captured_grads", True)
         record = {"refresh": fsam.num_steps % fsam.config.mask_interval == 0,
-                  "captured_grad_bytes": sum(g.numel() * g.element_size() for _, g in captured)}
+                  "captured_grads_copied": copied,
+                  "captured_grad_bytes": sum(g.numel() * g.element_size() for _, g in captured)
+                  if copied else 0}
         benchlib.sync(rt)
         record["peak_before_phase"] = benchlib.peak_bytes(rt)
         start = benchlib.allocated_bytes(rt)
@@ -219,24 +224,36 @@ def summarize(variants: dict, sort_extra, rt: benchlib.Runtime) -> dict:
             "fsam_ds_refresh_peak_bytes": refresh_peak, "paper_public_code": paper}
 
 
+def fullest_rank(per_rank: list, section: str) -> dict:
+    """Each figure of one summary section at its largest over the ranks (None if unmeasured)."""
+    keys = per_rank[0][section]
+    return {k: max((r[section][k] for r in per_rank if r[section][k] is not None), default=None)
+            for k in keys}
+
+
 def summary_row(result: dict) -> tuple:
-    cfg, s = result["config"], result["per_rank"][0]
-    per = s["fsam_ds_per_local_param"]
+    """The table row: every figure at the rank where it is largest (ranks differ a little)."""
+    cfg, per_rank = result["config"], result["per_rank"]
+    per = fullest_rank(per_rank, "fsam_ds_per_local_param")
+    paper = fullest_rank(per_rank, "paper_public_code")
+    peaks = [r["fsam_ds_refresh_peak_bytes"] for r in per_rank if r["fsam_ds_refresh_peak_bytes"]]
+    fsam_peak = max(peaks, default=None)
+    fsam_peak_per_param = max((per_param(r["fsam_ds_refresh_peak_bytes"], r["local"]["valid_numel"])
+                               for r in per_rank if r["fsam_ds_refresh_peak_bytes"]), default=None)
 
     def b(v):
         return "n/a" if v is None else f"{v:.2f}"
-    header = ["model", "ZeRO", "ranks", "local params (rank 0)", "persistent B/param",
+    header = ["model", "ZeRO", "ranks", "local params (max)", "persistent B/param",
               "grad copies B/param", "saved B/param", "refresh phase peak B/param",
               "step peak fsam-adamw B/param", "fsam_ds refresh peak B/param",
               "paper refresh peak B/param", "fsam_ds refresh peak/rank", "paper refresh peak/rank"]
-    fsam_peak = s["fsam_ds_refresh_peak_bytes"]
-    row = [cfg["model"], cfg["zero_stage"], cfg["world_size"], s["local"]["valid_numel"],
+    row = [cfg["model"], cfg["zero_stage"], cfg["world_size"],
+           max(r["local"]["valid_numel"] for r in per_rank),
            b(per["persistent_per_local_param"]), b(per["captured_grad_per_local_param"]),
            b(per["saved_per_local_param"]), b(per["perturb_phase_peak_refresh_per_local_param"]),
-           b(per["step_peak_fsam_refresh_minus_adamw_per_local_param"]),
-           b(per_param(fsam_peak, s["local"]["valid_numel"])),
-           b(s["paper_public_code"]["refresh_peak_per_local_param"]), fmt_bytes(fsam_peak),
-           fmt_bytes(s["paper_public_code"]["refresh_peak_bytes_per_rank"])]
+           b(per["step_peak_fsam_refresh_minus_adamw_per_local_param"]), b(fsam_peak_per_param),
+           b(paper["refresh_peak_per_local_param"]), fmt_bytes(fsam_peak),
+           fmt_bytes(paper["refresh_peak_bytes_per_rank"])]
     return header, row
 
 
@@ -266,7 +283,8 @@ def run(args) -> dict:
                   "paper_public_code: fp32 mask of all parameters + full torch.sort of all "
                   "scores, on every rank (not sharded); per-rank bytes extrapolated from "
                   "sort_numel elements",
-                  "peaks are CUDA allocator statistics; null on CPU"],
+                  "peaks are CUDA allocator statistics; null on CPU",
+                  "the markdown row shows each figure at the rank where it is largest"],
     }
     header, row = summary_row(result)
     result["markdown"] = {"header": header, "row": row}

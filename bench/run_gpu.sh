@@ -28,6 +28,11 @@
 #                 holds just summary.md, all_results.json and run.log)
 #   RUN_TIMEOUT   seconds one torchrun may take before it is stopped        [900]
 #   WHEEL_DIR     where the DeepSpeed wheels are                            [.whl]
+#   BENCH_DIST_BACKEND  process-group backend string, e.g. "cpu:gloo,cuda:nccl"   [unset:
+#                 DeepSpeed's NCCL-only group]. fsam_ds as of commit 079b25f all-reduces a CPU
+#                 tensor at its first mask refresh, which fails on an NCCL-only group with
+#                 "No backend type associated with device type cpu" on 2+ GPUs; this setting
+#                 works around that until fsam_ds is fixed (the JSON records it)
 #   DRY_RUN=1     print the commands, run nothing
 # Each invocation's wall time is logged ("[run_gpu] ... took N s") so the next plan can use it.
 set -uo pipefail

@@ -20,10 +20,22 @@ def group_rank(group) -> int:
     return 0 if group_size(group) == 1 else dist.get_rank(group)
 
 
+def _needs_device_copy(tensor: torch.Tensor, group) -> bool:
+    """NCCL-only groups (what DeepSpeed creates on GPUs) cannot reduce CPU tensors; FSAM's CPU
+    tensors come from ZeRO-Offload's CPU shards and small bookkeeping counts."""
+    return tensor.device.type == "cpu" and "gloo" not in str(dist.get_backend(group)) \
+        and torch.cuda.is_available()
+
+
 def all_reduce_sum_(tensor: torch.Tensor, group) -> torch.Tensor:
     """In-place sum over the group (the global norm's squares, histogram counts)."""
     if group_size(group) > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+        if _needs_device_copy(tensor, group):
+            on_device = tensor.to(torch.cuda.current_device())
+            dist.all_reduce(on_device, op=dist.ReduceOp.SUM, group=group)
+            tensor.copy_(on_device)
+        else:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
     return tensor
 
 

@@ -52,6 +52,12 @@ class EngineView:
     process_group: object      # group the shards are spread over; None when replicated
     optimizer_state_linked: bool = False
 
+    @property
+    def grads_outlive_step(self) -> bool:
+        """Whether the gradient tensors the wrapper hands the client stay intact until the next
+        backward. BF16_Optimizer zeroes its flat gradient buffer at the end of its step."""
+        return self.kind != "bf16"
+
     def publish_master_weights(self) -> None:
         """Make the next forward use the current fp32 masters (perturbed or restored)."""
         opt = self.engine.optimizer

@@ -181,7 +181,8 @@ def _attach(engine) -> deepspeed_adapter.EngineView:
             raise ValueError("fsam_ds.train_step needs an engine whose optimizer is FSAM; build it "
                              'with fsam_ds.initialize or {"optimizer": {"type": "FSAM", ...}}')
         view = deepspeed_adapter.attach(engine, fsam)
-        fsam.set_shard_layouts(view.layouts, view.process_group)
+        fsam.set_shard_layouts(view.layouts, view.process_group,
+                               clone_captured_grads=not view.grads_outlive_step)
         fsam.allow_base_steps = False
         engine._fsam_view = view
         engine._fsam = fsam

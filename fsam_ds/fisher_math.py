@@ -48,15 +48,15 @@ def norm_sq_terms(weight: torch.Tensor, grad: torch.Tensor, mask: torch.Tensor |
     """Local fp32 sums [||x||^2, ||m*d||^2] with x = g (adaptive: w*g) and d = g (adaptive: w*w*g),
     so that after one all-reduce ||g|| = sqrt(first) and ||e|| = scale * sqrt(second).
     mask=None leaves the second sum 0 (the mask is not known yet)."""
-    grad = grad.detach().float()
-    w = weight.detach().float()
+    grad = grad.detach().float().reshape(-1)
+    w = weight.detach().float().reshape(-1)
     x = w * grad if adaptive else grad
     if mask is None:
         masked_sq = x.new_zeros(())
     else:
-        d = (w * x if adaptive else grad)[mask]
-        masked_sq = d.pow(2).sum()
-    return torch.stack([x.pow(2).sum(), masked_sq])
+        d = (w * x if adaptive else grad)[mask.reshape(-1)]
+        masked_sq = torch.dot(d, d)
+    return torch.stack([torch.dot(x, x), masked_sq])  # dot: no squared temporary
 
 
 def perturb_(weight: torch.Tensor, grad: torch.Tensor, mask: torch.Tensor, scale: float,

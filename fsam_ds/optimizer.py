@@ -53,6 +53,7 @@ class FSAM(torch.optim.Optimizer):
         self.process_group = None      # the group the shards are spread over; None = replicated
         self.engine_driven = False     # True under DeepSpeed: step() is called by the engine
         self.allow_base_steps = False  # step() outside an FSAM step = base step (DeepSpeed set-up)
+        self.clone_captured_grads = True  # False when the wrapper leaves its grad tensors intact
         self.num_steps = 0             # t: completed FSAM steps
         self.last_stats: dict = {}     # threshold, mask density, norms of the latest step
         self._phase = _READY
@@ -131,7 +132,7 @@ class FSAM(torch.optim.Optimizer):
         base step). Otherwise: `closure` zeroes nothing itself, runs forward + backward and returns
         the loss; it is called twice (at w, then at w + e) and the first loss is returned."""
         if self._phase == _CAPTURING:
-            self._captured.extend(self._current_grads(clone=True))
+            self._captured.extend(self._current_grads(clone=self.clone_captured_grads))
             return None
         if self._phase == _PERTURBED and self.engine_driven:
             with torch.no_grad():
@@ -157,8 +158,12 @@ class FSAM(torch.optim.Optimizer):
         return loss
 
     # ---- engine-driven API (used by fsam_ds.train_step) ---------------------------------------
-    def set_shard_layouts(self, layouts: dict, process_group) -> None:
-        """layouts: id(tensor) -> ShardLayout for the fp32 partitions DeepSpeed will show us."""
+    def set_shard_layouts(self, layouts: dict, process_group, clone_captured_grads: bool = True) -> None:
+        """layouts: id(tensor) -> ShardLayout for the fp32 partitions DeepSpeed will show us.
+        clone_captured_grads=False keeps references to the gradients the wrapper hands step()
+        (saving a 4-byte-per-element copy) where the wrapper neither reuses nor zeroes them before
+        FSAM perturbs, which happens before the next backward."""
+        self.clone_captured_grads = clone_captured_grads
         self._layouts = dict(layouts)
         self.process_group = process_group
         self.engine_driven = True
@@ -259,7 +264,8 @@ class FSAM(torch.optim.Optimizer):
         device = entries[0][0].device
         if self._global_counts is None:   # static: the shard layouts never change
             counts = torch.tensor([sum(l.num_ranked for l in layouts),
-                                   sum(l.num_always for l in layouts)], dtype=torch.int64)
+                                   sum(l.num_always for l in layouts)], dtype=torch.int64,
+                                  device=device)
             self._global_counts = tuple(collectives.all_reduce_sum_(counts, group).tolist())
         num_ranked, num_always = self._global_counts
         k = fisher_math.num_kept(num_ranked, cfg.sparsity)

@@ -99,7 +99,8 @@ def test_fsam_memory(tmp_path):
     assert summary["local"]["valid_numel"] == summary["model_params"]   # one rank holds all
     # the mask kept between steps: packed bits to one bool per element
     assert 0 < per_param["persistent_per_local_param"] <= 1
-    assert per_param["captured_grad_per_local_param"] > 0
+    # first-pass gradients: one fp32 copy per element, or none where fsam_ds keeps references
+    assert per_param["captured_grad_per_local_param"] in (0.0, 4.0)
     # FSAM (sparsity 0.9) saves fewer original values than SAM, which saves every element
     assert 0 < per_param["saved_per_local_param"] < per_param["sam_saved_per_local_param"]
     assert summary["paper_public_code"]["refresh_peak_bytes_per_model_param"] >= 20
