@@ -26,6 +26,10 @@ from fractions import Fraction
 import torch
 
 NORM_EPS = 1e-12  # as in davda54/sam: keeps rho / ||g|| finite when g == 0
+# A mask that keeps every element (SAM, or an always-perturbed tensor): dense arithmetic, no
+# masked gathers. Partition padding may be included: its gradient is 0, so e is 0 there, and the
+# restore copies it back bit for bit anyway.
+ALL = "all"
 
 
 def num_kept(num_ranked: int, sparsity: float) -> int:
@@ -43,28 +47,37 @@ def fisher_scores(grad: torch.Tensor, exp_avg_sq: torch.Tensor | None = None) ->
     return grad * grad
 
 
-def norm_sq_terms(weight: torch.Tensor, grad: torch.Tensor, mask: torch.Tensor | None,
-                  adaptive: bool) -> torch.Tensor:
+def norm_sq_terms(weight: torch.Tensor, grad: torch.Tensor, mask, adaptive: bool) -> torch.Tensor:
     """Local fp32 sums [||x||^2, ||m*d||^2] with x = g (adaptive: w*g) and d = g (adaptive: w*w*g),
     so that after one all-reduce ||g|| = sqrt(first) and ||e|| = scale * sqrt(second).
-    mask=None leaves the second sum 0 (the mask is not known yet)."""
+    mask: a bool tensor, ALL, or None (not known yet: the second sum is left 0)."""
     grad = grad.detach().float().reshape(-1)
     w = weight.detach().float().reshape(-1)
     x = w * grad if adaptive else grad
     if mask is None:
         masked_sq = x.new_zeros(())
     else:
-        d = (w * x if adaptive else grad)[mask.reshape(-1)]
+        d = w * x if adaptive else grad
+        if mask is not ALL:
+            d = d[mask.reshape(-1)]
         masked_sq = torch.dot(d, d)
     return torch.stack([torch.dot(x, x), masked_sq])  # dot: no squared temporary
 
 
-def perturb_(weight: torch.Tensor, grad: torch.Tensor, mask: torch.Tensor, scale: float,
+def perturb_(weight: torch.Tensor, grad: torch.Tensor, mask, scale: float,
              adaptive: bool) -> torch.Tensor:
     """w[m] += e[m] in place with e = scale * g (or scale * w*w*g); returns the original w[m].
 
     Only the masked elements are read, written and saved, so the backup costs (masked count) values
-    and restore_() puts back exactly the bits that were there."""
+    and restore_() puts back exactly the bits that were there. mask=ALL: dense, a full copy."""
+    if mask is ALL:
+        w = weight.detach()
+        saved = w.clone()
+        direction = grad.detach().to(w.dtype)
+        if adaptive:
+            direction = saved * saved * direction
+        w.add_(direction * scale)
+        return saved
     saved = weight.detach().masked_select(mask)
     direction = grad.detach().masked_select(mask).to(saved.dtype)
     if adaptive:
@@ -73,9 +86,12 @@ def perturb_(weight: torch.Tensor, grad: torch.Tensor, mask: torch.Tensor, scale
     return saved
 
 
-def restore_(weight: torch.Tensor, mask: torch.Tensor, saved: torch.Tensor) -> None:
+def restore_(weight: torch.Tensor, mask, saved: torch.Tensor) -> None:
     """Undo perturb_(): write the saved original values back at the masked positions."""
-    weight.detach().masked_scatter_(mask, saved)
+    if mask is ALL:
+        weight.detach().copy_(saved)
+    else:
+        weight.detach().masked_scatter_(mask, saved)
 
 
 def mask_from_threshold(scores: torch.Tensor, threshold: float, num_ties_kept: int) -> torch.Tensor:

@@ -285,7 +285,9 @@ class FSAM(torch.optim.Optimizer):
             for i, layout in enumerate(layouts):
                 ranked_masks[i] = keep[offset:offset + layout.num_ranked]
                 offset += layout.num_ranked
-        self._masks = {id(w): (w, layout.build_mask(m, device).view_as(w))
+        # a tensor whose every element is kept gets the dense ALL mask (no bool mask, no gathers)
+        self._masks = {id(w): (w, fisher_math.ALL if m is None and (layout.num_ranked or layout.num_always)
+                               else layout.build_mask(m, device).view_as(w))
                        for (w, _), layout, m in zip(entries, layouts, ranked_masks)}
         self._masks_valid = True
         self.last_stats = {"threshold": threshold, "num_kept": k,
@@ -308,10 +310,20 @@ class FSAM(torch.optim.Optimizer):
         self._masks, self._masks_valid = {}, False
         logger.warning("FSAM masks invalidated (%s); recomputed at the next step", reason)
 
+    def local_kept_ranked(self) -> int:
+        """How many ranked elements of this rank's tensors the current mask keeps."""
+        kept = 0
+        for tensor, mask in self._masks.values():
+            layout = self._layout(tensor)
+            kept += layout.num_ranked if mask is fisher_math.ALL else \
+                int(layout.take_ranked(mask.reshape(-1)).sum())
+        return kept
+
     def state_bytes(self) -> int:
         """Bytes FSAM itself holds on this rank between steps (masks; saved values while
         perturbed), excluding the base optimizer's state."""
-        held = [mask for _, mask in self._masks.values()] + [v for _, v in self._saved.values()]
+        held = [mask for _, mask in self._masks.values() if mask is not fisher_math.ALL] + \
+            [v for _, v in self._saved.values()]
         return sum(t.numel() * t.element_size() for t in held)
 
     # ---- checkpoints --------------------------------------------------------------------------
@@ -326,8 +338,9 @@ class FSAM(torch.optim.Optimizer):
         state["fsam"] = {
             "num_steps": self.num_steps,
             "config": self.config.to_dict(),
-            "masks": {index[key]: mask.clone() for key, (_, mask) in self._masks.items()
-                      if key in index} if self._masks_valid else {},
+            "masks": {index[key]: mask if mask is fisher_math.ALL else mask.clone()
+                      for key, (_, mask) in self._masks.items() if key in index}
+            if self._masks_valid else {},
         }
         return state
 
@@ -346,10 +359,11 @@ class FSAM(torch.optim.Optimizer):
         masks = {}
         for i, mask in saved_masks.items():
             i = int(i)
-            if i >= len(tensors) or mask.shape != tensors[i].shape:
+            if i >= len(tensors) or (mask is not fisher_math.ALL and mask.shape != tensors[i].shape):
                 masks = None
                 break
-            masks[id(tensors[i])] = (tensors[i], mask.to(device=tensors[i].device, dtype=torch.bool))
+            masks[id(tensors[i])] = (tensors[i], mask if mask is fisher_math.ALL else
+                                     mask.to(device=tensors[i].device, dtype=torch.bool))
         if masks and len(masks) == len(tensors):
             self._masks, self._masks_valid = masks, True
         else:

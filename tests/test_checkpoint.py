@@ -108,7 +108,7 @@ def load_universal_on_ranks(rank, world_size, stages, root):
                   "num_steps": engine._fsam.num_steps, "masks_valid": engine._fsam._masks_valid}
         _train(engine, rank, world_size, range(SAVE_AT, STEPS))     # training goes on
         fsam = engine._fsam
-        kept = sum(int(fsam._layout(t).take_ranked(m.view(-1)).sum()) for t, m in fsam._masks.values())
+        kept = fsam.local_kept_ranked()
         out[stage] = {**loaded, "kept": kept, "num_ranked": fsam._global_counts[0],
                       "num_steps_after": fsam.num_steps}
     return out

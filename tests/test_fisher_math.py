@@ -60,3 +60,15 @@ def test_shard_layout_merges_pieces_and_masks_padding():
     keep = torch.tensor([True, False, False, False, True, False, True])
     mask = layout.build_mask(keep, "cpu")
     assert mask.tolist() == [True, False, False, False, True, True, False, True, False, False]
+
+
+def test_dense_all_mask_perturbs_everything_and_restores_exactly():
+    w = torch.tensor([1.0, -2.0, 0.0, 0.0])       # last two: partition padding (grad 0)
+    g = torch.tensor([0.5, 1.0, 0.0, 0.0])
+    original = w.clone()
+    saved = fisher_math.perturb_(w, g, fisher_math.ALL, scale=2.0, adaptive=False)
+    assert w.tolist() == [2.0, 0.0, 0.0, 0.0]
+    sums = fisher_math.norm_sq_terms(w, g, fisher_math.ALL, adaptive=False)
+    assert sums.tolist() == [1.25, 1.25]
+    fisher_math.restore_(w, fisher_math.ALL, saved)
+    assert torch.equal(w, original)

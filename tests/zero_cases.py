@@ -140,11 +140,7 @@ def run_fsam_case(rank, world_size, case):
               "global_steps": engine.global_steps, "lr": engine.get_lr()[0]}
     if case.get("fsam") is not None:
         fsam = engine._fsam
-        # count this rank's kept ranked elements with the last refresh's mask
-        kept = 0
-        for key, (tensor, mask) in fsam._masks.items():
-            layout = fsam._layout(tensor)
-            kept += int(layout.take_ranked(mask.view(-1)).sum())
+        kept = fsam.local_kept_ranked()   # with the last refresh's mask
         result.update(kept=kept, num_ranked=(fsam._global_counts or (None,))[0],
                       state_bytes=fsam.state_bytes())
     engine.destroy() if hasattr(engine, "destroy") else None
