@@ -20,6 +20,7 @@ Everything is checked at start-up (`attach`), so a DeepSpeed upgrade fails loudl
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -128,6 +129,10 @@ def attach(engine, fsam) -> EngineView:
     stage = engine.zero_optimization_stage()
     names = {id(p): n for n, p in engine.module.named_parameters()}
     always = fsam.config.is_always_perturbed
+    if fsam.config.always_perturb and not any(always(n) for n in names.values()):
+        warnings.warn(f"FSAM: no parameter name matches always_perturb {list(fsam.config.always_perturb)} "
+                      f"(e.g. {next(iter(names.values()), '')!r}); every element is ranked. Set "
+                      'always_perturb in the "fsam" block for this model\'s names (GPT-2: "wte", "wpe", "ln_").')
 
     if getattr(engine, "pipeline_parallelism", False):
         raise UnsupportedDeepSpeedSetup("fsam_ds does not support pipeline parallelism "

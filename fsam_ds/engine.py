@@ -28,7 +28,7 @@ logger = logging.getLogger("fsam_ds")
 
 _FSAM_KEYS = {"rho", "sparsity", "mask_interval", "fisher", "adaptive", "always_perturb"}
 # DeepSpeed-only optimizer params that have no meaning for torch.optim classes.
-_DEEPSPEED_ONLY_PARAMS = {"torch_adam", "adam_w_mode", "fused"}
+_DEEPSPEED_ONLY_PARAMS = {"torch_adam", "adam_w_mode"}
 
 
 def load_config(config) -> dict:

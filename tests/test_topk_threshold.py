@@ -84,3 +84,20 @@ def test_threshold_rejects_bad_input():
         exact_topk_threshold(torch.rand(5), 6)
     with pytest.raises(ValueError, match="float32"):
         exact_topk_threshold(torch.rand(5, dtype=torch.float64), 2)
+
+
+def nan_on_one_rank(rank, world_size):
+    import torch.distributed as dist
+    shard = torch.rand(100)
+    if rank == 1:
+        shard[7] = float("nan")
+    try:
+        exact_topk_threshold(shard, 10, dist.group.WORLD)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def test_a_nan_on_one_rank_makes_every_rank_raise_instead_of_hanging():
+    messages = run_ranks(nan_on_one_rank, 3, timeout=120)
+    assert all(m is not None and "1 rank(s) are NaN or negative" in m for m in messages), messages
