@@ -47,10 +47,12 @@ def fisher_scores(grad: torch.Tensor, exp_avg_sq: torch.Tensor | None = None) ->
     return grad * grad
 
 
-def norm_sq_terms(weight: torch.Tensor, grad: torch.Tensor, mask, adaptive: bool) -> torch.Tensor:
+def norm_sq_terms(weight: torch.Tensor, grad: torch.Tensor, mask, adaptive: bool,
+                  with_norm: bool = True) -> torch.Tensor:
     """Local fp32 sums [||x||^2, ||m*d||^2] with x = g (adaptive: w*g) and d = g (adaptive: w*w*g),
     so that after one all-reduce ||g|| = sqrt(first) and ||e|| = scale * sqrt(second).
-    mask: a bool tensor, ALL, or None (not known yet: the second sum is left 0)."""
+    mask: a bool tensor, ALL, or None (not known yet: the second sum is left 0).
+    with_norm=False leaves the first sum 0 (already known: a refresh step's second call)."""
     grad = grad.detach().float().reshape(-1)
     w = weight.detach().float().reshape(-1)
     x = w * grad if adaptive else grad
@@ -61,7 +63,8 @@ def norm_sq_terms(weight: torch.Tensor, grad: torch.Tensor, mask, adaptive: bool
         if mask is not ALL:
             d = d[mask.reshape(-1)]
         masked_sq = torch.dot(d, d)
-    return torch.stack([torch.dot(x, x), masked_sq])  # dot: no squared temporary
+    norm_sq = torch.dot(x, x) if with_norm else x.new_zeros(())  # dot: no squared temporary
+    return torch.stack([norm_sq, masked_sq])
 
 
 def perturb_(weight: torch.Tensor, grad: torch.Tensor, mask, scale: float,

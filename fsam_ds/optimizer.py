@@ -241,7 +241,7 @@ class FSAM(torch.optim.Optimizer):
         # 2. the mask, on refresh steps (collective: the exact top-k threshold)
         if refresh:
             self._refresh_masks(entries)
-            sums[1] = self._sum_norm_terms(entries, use_mask=True)[1]
+            sums[1] = self._sum_norm_terms(entries, use_mask=True, with_norm=False)[1]
         # 3. e on the masked elements of each local tensor, original values saved for restore
         scale = cfg.rho / (grad_norm + fisher_math.NORM_EPS)
         for w, g in entries:
@@ -250,12 +250,12 @@ class FSAM(torch.optim.Optimizer):
         self.last_stats.update(grad_norm=grad_norm, perturb_scale=scale,
                                perturbation_norm=scale * math.sqrt(float(sums[1])))
 
-    def _sum_norm_terms(self, entries, use_mask: bool) -> torch.Tensor:
+    def _sum_norm_terms(self, entries, use_mask: bool, with_norm: bool = True) -> torch.Tensor:
         """[||x||^2, ||m*d||^2] summed over this rank's tensors, then over the group."""
         sums = torch.zeros(2, dtype=torch.float32, device=entries[0][1].device)
         for w, g in entries:
             mask = self._masks[id(w)][1] if use_mask else None
-            sums += fisher_math.norm_sq_terms(w, g, mask, self.config.adaptive)
+            sums += fisher_math.norm_sq_terms(w, g, mask, self.config.adaptive, with_norm)
         return collectives.all_reduce_sum_(sums, self.process_group)
 
     def _refresh_masks(self, entries) -> None:
