@@ -344,6 +344,17 @@ def fmt_ratio(r):
     return "n/a" if r is None else f"{r:.2f}x"
 
 
+def publish_and_finish(path: str, result: dict, header, rows, rt: Runtime, one_row: bool = False) -> dict:
+    """The common end of a benchmark: attach its markdown table (summarize.py reads "row" or
+    "rows"), write the JSON from rank 0, print the table, tear the process group down."""
+    result["markdown"] = {"header": header, **({"row": rows[0]} if one_row else {"rows": rows})}
+    write_result(path, result, rt)
+    if rt.is_main:
+        print(markdown_table(header, rows), flush=True)
+    finish(rt)
+    return result
+
+
 def write_result(path: str, result: dict, rt: Runtime) -> None:
     """Rank 0 writes the JSON (atomically: a crash mid-write never leaves half a file)."""
     if not rt.is_main or not path:

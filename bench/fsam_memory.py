@@ -287,12 +287,7 @@ def run(args) -> dict:
                   "the markdown row shows each figure at the rank where it is largest"],
     }
     header, row = summary_row(result)
-    result["markdown"] = {"header": header, "row": row}
-    benchlib.write_result(args.out, result, rt)
-    if rt.is_main:
-        print(benchlib.markdown_table(header, [row]), flush=True)
-    benchlib.finish(rt)
-    return result
+    return benchlib.publish_and_finish(args.out, result, header, [row], rt, one_row=True)
 
 
 if __name__ == "__main__":

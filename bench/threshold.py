@@ -173,12 +173,7 @@ def run(args) -> dict:
         rows.append([rt.world_size, f"{args.numel:.0e}", name,
                      fmt_seconds(m.get("median_s")) if "error" not in m else "error",
                      fmt_bytes(extra), "n/a" if extra is None else f"{extra / args.numel:.2f}"])
-    result["markdown"] = {"header": header, "rows": rows}
-    benchlib.write_result(args.out, result, rt)
-    if rt.is_main:
-        print(benchlib.markdown_table(header, rows), flush=True)
-    benchlib.finish(rt)
-    return result
+    return benchlib.publish_and_finish(args.out, result, header, rows, rt)
 
 
 if __name__ == "__main__":
