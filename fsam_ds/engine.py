@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 import os
 import warnings
 
@@ -23,8 +22,6 @@ import torch
 from fsam_ds import deepspeed_adapter
 from fsam_ds.config import FSAMConfig
 from fsam_ds.optimizer import FSAM
-
-logger = logging.getLogger("fsam_ds")
 
 _FSAM_KEYS = {"rho", "sparsity", "mask_interval", "fisher", "adaptive", "always_perturb"}
 # DeepSpeed-only optimizer params that have no meaning for torch.optim classes.

@@ -12,7 +12,6 @@ rank's fp32 partitions, described by `set_shard_layouts`.
 """
 from __future__ import annotations
 
-import logging
 import math
 import warnings
 
@@ -24,7 +23,6 @@ from fsam_ds.shard_layout import ShardLayout
 from fsam_ds.topk_threshold import exact_topk_threshold
 
 _READY, _CAPTURING, _PERTURBED = "ready", "capturing", "perturbed"
-logger = logging.getLogger("fsam_ds")
 
 
 class FSAM(torch.optim.Optimizer):
@@ -223,7 +221,7 @@ class FSAM(torch.optim.Optimizer):
         return layout
 
     def _perturb(self, entries) -> None:
-        cfg, group = self.config, self.process_group
+        cfg = self.config
         self._saved = {}
         if cfg.rho == 0 or not entries:
             self.last_stats = {}
@@ -305,10 +303,8 @@ class FSAM(torch.optim.Optimizer):
 
     def invalidate_masks(self, reason: str) -> None:
         """Forget the masks; the next step recomputes them (a collective: call on all ranks)."""
-        if self._masks_valid or self._masks:
-            warnings.warn(f"FSAM: {reason}; the mask is recomputed at the next step.")
+        warnings.warn(f"FSAM: {reason}; the mask is recomputed at the next step.")
         self._masks, self._masks_valid = {}, False
-        logger.warning("FSAM masks invalidated (%s); recomputed at the next step", reason)
 
     def local_kept_ranked(self) -> int:
         """How many ranked elements of this rank's tensors the current mask keeps."""

@@ -1,6 +1,5 @@
 """fsam_ds.FSAM in one process (and under DDP) against the independent reference and known optimizers."""
 import copy
-import math
 
 import pytest
 import torch
@@ -69,8 +68,6 @@ def test_matches_reference_for_20_adamw_steps(settings):
     assert max_diff(model, ref_model) < 1e-6
     assert opt.num_steps == 20
     # the runs moved the weights: the comparison is not trivially between two untouched models
-    assert max_diff(model, TinyNet().requires_grad_(False)) > 1e-3 or True
-    untrained = copy.deepcopy(model)
     torch.manual_seed(0)
     assert max_diff(TinyNet(), model) > 1e-3
 

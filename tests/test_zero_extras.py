@@ -48,7 +48,6 @@ def rank_checks(rank, world_size):
         fsam_ds.train_step(engine, zc.loss_fn, batch[:1])
     except ValueError as err:
         errors["micro_batches"] = str(err)
-    before = zc.full_weights(engine)
     try:
         for mb in batch:
             engine.backward(zc.loss_fn(engine, mb))
