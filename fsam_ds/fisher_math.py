@@ -51,7 +51,8 @@ def norm_sq_terms(weight: torch.Tensor, grad: torch.Tensor, mask, adaptive: bool
                   with_norm: bool = True) -> torch.Tensor:
     """Local fp32 sums [||x||^2, ||m*d||^2] with x = g (adaptive: w*g) and d = g (adaptive: w*w*g),
     so that after one all-reduce ||g|| = sqrt(first) and ||e|| = scale * sqrt(second).
-    mask: a bool tensor, ALL, or None (not known yet: the second sum is left 0).
+    mask: a bool tensor, int32 positions (compact_mask), ALL, or None (not known yet: the second
+    sum is left 0).
     with_norm=False leaves the first sum 0 (already known: a refresh step's second call)."""
     grad = grad.detach().float().reshape(-1)
     w = weight.detach().float().reshape(-1)
@@ -61,18 +62,46 @@ def norm_sq_terms(weight: torch.Tensor, grad: torch.Tensor, mask, adaptive: bool
     else:
         d = w * x if adaptive else grad
         if mask is not ALL:
-            d = d[mask.reshape(-1)]
+            d = _gather(d, mask.reshape(-1) if mask.dtype == torch.bool else mask)
         masked_sq = torch.dot(d, d)
     norm_sq = torch.dot(x, x) if with_norm else x.new_zeros(())  # dot: no squared temporary
     return torch.stack([norm_sq, masked_sq])
+
+
+def _gather(tensor: torch.Tensor, selection) -> torch.Tensor:
+    if selection.dtype == torch.bool:
+        return tensor.detach().masked_select(selection)
+    return tensor.detach().reshape(-1).index_select(0, selection)
+
+
+def _scatter_(tensor: torch.Tensor, selection, values: torch.Tensor) -> None:
+    if selection.dtype == torch.bool:
+        tensor.detach().masked_scatter_(selection, values)
+    else:   # int32 positions; the tensor is contiguous (compact_mask's caller checks)
+        tensor.detach().view(-1).index_put_((selection,), values)
+
+
+def compact_mask(mask: torch.Tensor):
+    """The cheaper form of a bool mask for the per-step gathers: the int32 positions of the kept
+    elements when they are at most a quarter of the tensor (4 bytes each, so never more memory
+    than the 1-byte mask; FSAM keeps ~10 %: 0.4 B per element), else the mask itself. Positions
+    cost O(kept) per gather; masked_select/masked_scatter_ scan the whole mask with an int64
+    prefix sum (8 B per element of transient memory) every time."""
+    flat = mask.reshape(-1)
+    num_kept_here = int(flat.sum())
+    if 4 * num_kept_here <= flat.numel() < 2 ** 31:
+        return flat.nonzero().view(-1).to(torch.int32)
+    return mask
 
 
 def perturb_(weight: torch.Tensor, grad: torch.Tensor, mask, scale: float,
              adaptive: bool) -> torch.Tensor:
     """w[m] += e[m] in place with e = scale * g (or scale * w*w*g); returns the original w[m].
 
-    Only the masked elements are read, written and saved, so the backup costs (masked count) values
-    and restore_() puts back exactly the bits that were there. mask=ALL: dense, a full copy."""
+    mask: ALL, a bool mask shaped like w, or int32 positions into the flattened (contiguous) w
+    (see compact_mask). Only the masked elements are read, written and saved, so the backup costs
+    (masked count) values and restore_() puts back exactly the bits that were there.
+    mask=ALL: dense, a full copy."""
     if mask is ALL:
         w = weight.detach()
         saved = w.clone()
@@ -81,11 +110,11 @@ def perturb_(weight: torch.Tensor, grad: torch.Tensor, mask, scale: float,
             direction = saved * saved * direction
         w.add_(direction * scale)
         return saved
-    saved = weight.detach().masked_select(mask)
-    direction = grad.detach().masked_select(mask).to(saved.dtype)
+    saved = _gather(weight, mask)
+    direction = _gather(grad, mask).to(saved.dtype)
     if adaptive:
         direction = saved * saved * direction  # (w*w)*g, in davda54/sam's order
-    weight.detach().masked_scatter_(mask, saved + direction * scale)
+    _scatter_(weight, mask, saved + direction * scale)
     return saved
 
 
@@ -94,18 +123,25 @@ def restore_(weight: torch.Tensor, mask, saved: torch.Tensor) -> None:
     if mask is ALL:
         weight.detach().copy_(saved)
     else:
-        weight.detach().masked_scatter_(mask, saved)
+        _scatter_(weight, mask, saved)
+
+
+def mask_chunk_from_threshold(scores: torch.Tensor, threshold: float, ties_left: int):
+    """One chunk of the mask: keep F > threshold, plus the first `ties_left` elements with
+    F == threshold (in index order). Returns (keep, how many ties it kept), so that a caller
+    walking the chunks in order keeps exactly the threshold's num_ties_kept in total."""
+    keep = scores > threshold
+    if ties_left <= 0:
+        return keep, 0
+    ties = scores == threshold
+    num_ties = int(ties.sum())
+    if ties_left >= num_ties:
+        return keep | ties, num_ties
+    # Only here do we need the tie order; cumsum is a transient int64 buffer of one chunk.
+    return keep | (ties & (torch.cumsum(ties, 0) <= ties_left)), ties_left
 
 
 def mask_from_threshold(scores: torch.Tensor, threshold: float, num_ties_kept: int) -> torch.Tensor:
     """Keep F > threshold, plus the first `num_ties_kept` elements with F == threshold (in index
     order), so that the caller keeps exactly k in total."""
-    keep = scores > threshold
-    if num_ties_kept <= 0:
-        return keep
-    ties = scores == threshold
-    num_ties = int(ties.sum())
-    if num_ties_kept >= num_ties:
-        return keep | ties
-    # Only here do we need the tie order; cumsum is a transient int64 buffer.
-    return keep | (ties & (torch.cumsum(ties, 0) <= num_ties_kept))
+    return mask_chunk_from_threshold(scores, threshold, num_ties_kept)[0]

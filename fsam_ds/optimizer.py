@@ -20,7 +20,7 @@ import torch
 from fsam_ds import collectives, fisher_math
 from fsam_ds.config import DEFAULT_ALWAYS_PERTURB, FSAMConfig
 from fsam_ds.shard_layout import ShardLayout
-from fsam_ds.topk_threshold import exact_topk_threshold
+from fsam_ds.topk_threshold import CHUNK_NUMEL, exact_topk_threshold
 
 _READY, _CAPTURING, _PERTURBED = "ready", "capturing", "perturbed"
 
@@ -268,28 +268,51 @@ class FSAM(torch.optim.Optimizer):
         num_ranked, num_always = self._global_counts
         k = fisher_math.num_kept(num_ranked, cfg.sparsity)
         threshold = None
-        ranked_masks = [None] * len(entries)   # None: keep every ranked element (SAM)
         if k < num_ranked:
-            use_adam_state = cfg.fisher == "exp_avg_sq" and all(
-                "exp_avg_sq" in self.state.get(w, {}) for w, _ in entries)
-            scores = torch.cat([
-                layout.take_ranked(fisher_math.fisher_scores(
-                    g, self.state[w]["exp_avg_sq"].view(-1) if use_adam_state else None).view(-1))
-                for (w, g), layout in zip(entries, layouts)])
-            found = exact_topk_threshold(scores, k, group)
-            keep = fisher_math.mask_from_threshold(scores, found.value, found.num_ties_kept)
+            chunks = self._score_chunks(entries, layouts)
+            found = exact_topk_threshold(lambda: (scores for _, _, _, scores in chunks()), k, group)
             threshold = found.value
-            offset = 0
-            for i, layout in enumerate(layouts):
-                ranked_masks[i] = keep[offset:offset + layout.num_ranked]
-                offset += layout.num_ranked
-        # a tensor whose every element is kept gets the dense ALL mask (no bool mask, no gathers)
-        self._masks = {id(w): (w, fisher_math.ALL if m is None and (layout.num_ranked or layout.num_always)
-                               else layout.build_mask(m, device).view_as(w))
-                       for (w, _), layout, m in zip(entries, layouts, ranked_masks)}
+            masks = self._masks_from_threshold(entries, layouts, chunks, found)
+        else:   # every ranked element is kept (SAM): the dense ALL mask, no gathers
+            masks = [fisher_math.ALL if layout.num_ranked or layout.num_always
+                     else layout.build_mask(None, device).view_as(w)
+                     for (w, _), layout in zip(entries, layouts)]
+        self._masks = {id(w): (w, m) for (w, _), m in zip(entries, masks)}
         self._masks_valid = True
         self.last_stats = {"threshold": threshold, "num_kept": k,
                            "mask_density": (k + num_always) / max(1, num_ranked + num_always)}
+
+    def _score_chunks(self, entries, layouts):
+        """A generator function over this rank's ranked Fisher scores, chunk by chunk in entry and
+        range order, as (entry index, start, end, scores), recomputed on every call: the threshold
+        reads them twice and the mask once more, and squaring a gradient chunk again is cheaper
+        than holding a 4-byte score per element."""
+        use_adam_state = self.config.fisher == "exp_avg_sq" and all(
+            "exp_avg_sq" in self.state.get(w, {}) for w, _ in entries)
+        sources = [(self.state[w]["exp_avg_sq"] if use_adam_state else g).detach().reshape(-1)
+                   for w, g in entries]
+        pieces = [(i, start, min(start + CHUNK_NUMEL, end))
+                  for i, layout in enumerate(layouts) for s, end in layout.ranked
+                  for start in range(s, end, CHUNK_NUMEL)]
+
+        def chunks():
+            for i, start, end in pieces:
+                yield i, start, end, (sources[i][start:end].float() if use_adam_state else
+                                      fisher_math.fisher_scores(sources[i][start:end]))
+        return chunks
+
+    @staticmethod
+    def _masks_from_threshold(entries, layouts, chunks, found):
+        """Each tensor's mask: ranked elements above the threshold (ties shared out in order),
+        always-perturbed ranges, padding never; compacted to positions where that is cheaper."""
+        masks = [layout.build_mask(None, w.device) for (w, _), layout in zip(entries, layouts)]
+        ties_left = found.num_ties_kept
+        for i, start, end, scores in chunks():   # overwrites every ranked element
+            keep, ties_taken = fisher_math.mask_chunk_from_threshold(scores, found.value, ties_left)
+            masks[i][start:end] = keep
+            ties_left -= ties_taken
+        return [fisher_math.compact_mask(m.view_as(w)) if w.is_contiguous() else m.view_as(w)
+                for (w, _), m in zip(entries, masks)]
 
     def _restore(self, tensor) -> None:
         entry = self._saved.pop(id(tensor), None)
@@ -311,8 +334,12 @@ class FSAM(torch.optim.Optimizer):
         kept = 0
         for tensor, mask in self._masks.values():
             layout = self._layout(tensor)
-            kept += layout.num_ranked if mask is fisher_math.ALL else \
-                int(layout.take_ranked(mask.reshape(-1)).sum())
+            if mask is fisher_math.ALL:
+                kept += layout.num_ranked
+            elif mask.dtype == torch.bool:
+                kept += int(layout.take_ranked(mask.reshape(-1)).sum())
+            else:   # positions
+                kept += sum(int(((mask >= s) & (mask < e)).sum()) for s, e in layout.ranked)
         return kept
 
     def state_bytes(self) -> int:
@@ -327,8 +354,8 @@ class FSAM(torch.optim.Optimizer):
         return [p for group in self.param_groups for p in group["params"]]
 
     def state_dict(self):
-        """The base optimizer's state_dict plus an "fsam" entry: step counter and masks (packed
-        as bool, keyed by the parameter's index in param_groups order, as torch keys state)."""
+        """The base optimizer's state_dict plus an "fsam" entry: step counter and masks (bool, or
+        int32 positions, or "all"; keyed by the parameter's index in param_groups order, as torch keys state)."""
         state = self.base_optimizer.state_dict()
         index = {id(p): i for i, p in enumerate(self._indexed_tensors())}
         state["fsam"] = {
@@ -355,11 +382,11 @@ class FSAM(torch.optim.Optimizer):
         masks = {}
         for i, mask in saved_masks.items():
             i = int(i)
-            if i >= len(tensors) or (mask is not fisher_math.ALL and mask.shape != tensors[i].shape):
+            if i >= len(tensors) or not _mask_fits(mask, tensors[i]):
                 masks = None
                 break
             masks[id(tensors[i])] = (tensors[i], mask if mask is fisher_math.ALL else
-                                     mask.to(device=tensors[i].device, dtype=torch.bool))
+                                     mask.to(device=tensors[i].device))
         if masks and len(masks) == len(tensors):
             self._masks, self._masks_valid = masks, True
         else:
@@ -367,3 +394,14 @@ class FSAM(torch.optim.Optimizer):
                 warnings.warn("FSAM: the saved masks do not fit these parameters (different "
                               "world size or model); the mask is recomputed at the next step.")
             self._masks, self._masks_valid = {}, False
+
+
+def _mask_fits(mask, tensor) -> bool:
+    """A saved mask can be reused for `tensor`: "all", a bool mask of its shape, or int32
+    positions inside it (of a contiguous tensor)."""
+    if mask is fisher_math.ALL:
+        return True
+    if mask.dtype == torch.bool:
+        return mask.shape == tensor.shape
+    return (mask.dtype == torch.int32 and mask.dim() == 1 and tensor.is_contiguous()
+            and (mask.numel() == 0 or int(mask.max()) < tensor.numel()))

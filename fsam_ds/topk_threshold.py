@@ -6,17 +6,28 @@ the remaining candidates on every rank, sums the histograms over the group, and 
 candidates in the bin that holds the k-th largest. After 32 / bits_per_round rounds the threshold
 is known exactly. Ties at the threshold are shared out in rank order with an exclusive prefix sum,
 so exactly k elements are kept in total. Communication: rounds x 2^bits_per_round counts, plus one
-world-size vector for the ties; extra memory: the histogram plus the shrinking candidate set.
+world-size vector for the ties.
+
+Memory: the scores may be handed over as chunks produced on demand (FSAM squares the gradient
+chunk by chunk), so the full score vector never exists. The first round reads every chunk twice
+(histogram, then copy out the candidates of the chosen bin); later rounds work on that candidate
+buffer only. Extra memory: the histogram, one chunk's temporaries, and the candidates of one bin.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Iterable, Union
 
 import torch
 
 from fsam_ds import collectives
 
 _FP32_BITS = 32
+# Largest slice processed at once: bounds the per-chunk temporaries (int32 digits, bool test) to
+# ~80 MB whatever the shard size, while keeping kernel launches few (60 per pass at 1e9 scores).
+CHUNK_NUMEL = 1 << 24
+
+ScoreSource = Union[torch.Tensor, Callable[[], Iterable[torch.Tensor]]]
 
 
 @dataclass(frozen=True)
@@ -29,11 +40,22 @@ class TopkThreshold:
     num_greater: int
 
 
-def exact_topk_threshold(shard_scores: torch.Tensor, k: int, group=None,
-                         bits_per_round: int = 8) -> TopkThreshold:
-    """The exact global k-th largest of the union of every rank's `shard_scores`.
+def score_chunks(source: ScoreSource) -> Iterable[torch.Tensor]:
+    """The 1-D fp32 chunks of `source`, in order: slices of a tensor, or a producer's chunks."""
+    if isinstance(source, torch.Tensor):
+        for start in range(0, source.numel(), CHUNK_NUMEL):
+            yield source[start:start + CHUNK_NUMEL]
+    else:
+        yield from source()
 
-    shard_scores: 1-D, non-negative, finite fp32 scores of this rank (may be empty).
+
+def exact_topk_threshold(shard_scores: ScoreSource, k: int, group=None,
+                         bits_per_round: int = 8) -> TopkThreshold:
+    """The exact global k-th largest of the union of every rank's scores.
+
+    shard_scores: this rank's non-negative, finite fp32 scores (may be empty), as a 1-D tensor or
+    as a callable that returns a fresh iterable of 1-D fp32 chunks each time it is called (it is
+    called twice, and must produce the same values in the same order).
     k: how many to keep over all ranks, 0 <= k <= global count. Must be equal on all ranks.
     group: the process group holding the shards; None means this rank holds all scores.
     bits_per_round: 8 (4 rounds of 256 bins) measured faster than 16 (2 rounds of 65,536 bins)
@@ -41,7 +63,8 @@ def exact_topk_threshold(shard_scores: torch.Tensor, k: int, group=None,
     """
     if _FP32_BITS % bits_per_round != 0 or not 1 <= bits_per_round <= 16:
         raise ValueError(f"bits_per_round must divide 32 and be at most 16, got {bits_per_round}")
-    if shard_scores.dim() != 1 or shard_scores.dtype != torch.float32:
+    if isinstance(shard_scores, torch.Tensor) and (shard_scores.dim() != 1
+                                                   or shard_scores.dtype != torch.float32):
         raise ValueError("shard_scores must be a 1-D float32 tensor, got "
                          f"{shard_scores.dim()}-D {shard_scores.dtype}")
     if k < 0:
@@ -49,49 +72,82 @@ def exact_topk_threshold(shard_scores: torch.Tensor, k: int, group=None,
     if k == 0:
         return TopkThreshold(float("inf"), 0, 0)
 
-    device = shard_scores.device
     num_bins = 1 << bits_per_round
-    # Signed int32 view: non-negative floats (and +inf) are 0..0x7F800000, so every digit is >= 0.
-    # NaN and negative scores would break the ordering; round 1's all-reduce carries a flag.
-    candidates = shard_scores.contiguous().view(torch.int32)
-    prefix = 0            # bits of the threshold found so far
+    shift = _FP32_BITS - bits_per_round
+
+    # Round 1 over the chunks: histogram of the top digit, plus one extra bin counting ranks that
+    # hold NaN or negative scores, so that every rank sees it in the same all-reduce and raises
+    # together (no rank left waiting in a collective).
+    local_hist, invalid, device = None, None, None
+    for chunk in score_chunks(shard_scores):
+        _check_chunk(chunk)
+        bits = chunk.contiguous().view(torch.int32)
+        hist = torch.bincount((bits >> shift) & (num_bins - 1), minlength=num_bins)
+        flag = _invalid_flag(bits)
+        local_hist = hist if local_hist is None else local_hist.add_(hist)
+        invalid = flag if invalid is None else invalid.bitwise_or_(flag)
+        device = chunk.device
+    if local_hist is None:   # no chunk at all: an empty shard
+        device = shard_scores.device if isinstance(shard_scores, torch.Tensor) else \
+            torch.device("cpu")
+        local_hist = torch.zeros(num_bins, dtype=torch.int64, device=device)
+        invalid = torch.zeros(1, dtype=torch.int64, device=device)
+    global_hist = collectives.all_reduce_sum_(torch.cat([local_hist, invalid]), group)
+    _check_scores(global_hist, k)
+    global_hist = global_hist[:num_bins]
+
     num_greater = 0       # global count of scores known to be larger than the threshold
-    local_hist = None
-    first_round = True
-    for shift in range(_FP32_BITS - bits_per_round, -1, -bits_per_round):
+    digit, num_greater = _pick_digit(global_hist, k, num_greater)
+    prefix = digit        # bits of the threshold found so far
+
+    # The candidates (scores in the chosen bin), copied out chunk by chunk into one buffer whose
+    # size the local histogram already gives.
+    candidates = torch.empty(int(local_hist[digit]), dtype=torch.int32, device=device)
+    filled = 0
+    for chunk in score_chunks(shard_scores):
+        bits = chunk.contiguous().view(torch.int32)
+        picked = bits[((bits >> shift) & (num_bins - 1)) == digit]
+        candidates[filled:filled + picked.numel()] = picked
+        filled += picked.numel()
+    assert filled == candidates.numel(), "score chunks changed between the two passes"
+
+    for shift in range(shift - bits_per_round, -1, -bits_per_round):
         digits = (candidates >> shift) & (num_bins - 1)
         local_hist = torch.bincount(digits, minlength=num_bins)
-        if first_round:
-            # one extra bin counts ranks holding NaN or negative scores, so that every rank sees
-            # it in the same all-reduce and raises together (no rank left waiting in a collective)
-            local_hist = torch.cat([local_hist, _invalid_flag(candidates)])
         global_hist = collectives.all_reduce_sum_(local_hist.clone(), group)
-        if first_round:
-            _check_scores(global_hist, k)
-            local_hist, global_hist, first_round = local_hist[:num_bins], global_hist[:num_bins], False
-        # counts_at_or_above[d] = number of candidates with digit >= d
-        counts_at_or_above = torch.flip(torch.cumsum(torch.flip(global_hist, [0]), 0), [0])
-        needed = k - num_greater
-        # the highest digit d whose "at or above" count reaches `needed` holds the k-th largest
-        digit = int(torch.nonzero(counts_at_or_above >= needed)[-1])
-        num_greater += int(counts_at_or_above[digit] - global_hist[digit])
+        digit, num_greater = _pick_digit(global_hist, k, num_greater)
         prefix = (prefix << bits_per_round) | digit
         candidates = candidates[digits == digit]
     value_bits = torch.tensor([prefix], dtype=torch.int32)
     value = float(value_bits.view(torch.float32)[0])
 
     num_ties_global = k - num_greater  # 1 .. global count of ties
-    num_ties_local = int(local_hist[prefix & (num_bins - 1)])
+    num_ties_local = candidates.numel()   # what is left after the last round: the local ties
     num_ties_before = collectives.exclusive_prefix_sum(num_ties_local, group, device)
     num_ties_kept = max(0, min(num_ties_local, num_ties_global - num_ties_before))
     return TopkThreshold(value, num_ties_kept, num_greater)
 
 
+def _pick_digit(global_hist: torch.Tensor, k: int, num_greater: int):
+    """The highest digit d whose "at or above" count reaches the still-needed count holds the k-th
+    largest; returns d and the updated count of scores known to be larger."""
+    counts_at_or_above = torch.flip(torch.cumsum(torch.flip(global_hist, [0]), 0), [0])
+    needed = k - num_greater
+    digit = int(torch.nonzero(counts_at_or_above >= needed)[-1])
+    return digit, num_greater + int(counts_at_or_above[digit] - global_hist[digit])
+
+
 _INF_BITS = 0x7F800000
 
 
+def _check_chunk(chunk: torch.Tensor) -> None:
+    if chunk.dim() != 1 or chunk.dtype != torch.float32:
+        raise ValueError("score chunks must be 1-D float32 tensors, got "
+                         f"{chunk.dim()}-D {chunk.dtype}")
+
+
 def _invalid_flag(bits: torch.Tensor) -> torch.Tensor:
-    """1 if this rank holds a NaN or negative score (negative int32 patterns, or above +inf)."""
+    """1 if this chunk holds a NaN or negative score (negative int32 patterns, or above +inf)."""
     if bits.numel() == 0:
         return torch.zeros(1, dtype=torch.int64, device=bits.device)
     return ((bits.min() < 0) | (bits.max() > _INF_BITS)).to(torch.int64).reshape(1)

@@ -72,3 +72,27 @@ def test_dense_all_mask_perturbs_everything_and_restores_exactly():
     assert sums.tolist() == [1.25, 1.25]
     fisher_math.restore_(w, fisher_math.ALL, saved)
     assert torch.equal(w, original)
+
+
+def test_positions_and_bool_masks_perturb_and_restore_identically():
+    g = torch.Generator().manual_seed(3)
+    for keep_fraction, expect_positions in ((0.1, True), (0.25, True), (0.6, False)):
+        w = torch.randn(400, generator=g)
+        grad = torch.randn(400, generator=g)
+        mask = torch.zeros(400, dtype=torch.bool)
+        mask[torch.randperm(400, generator=g)[:int(400 * keep_fraction)]] = True
+        compact = fisher_math.compact_mask(mask)
+        assert (compact.dtype == torch.int32) == expect_positions
+        if expect_positions:
+            assert torch.equal(compact.long(), mask.nonzero().view(-1))
+        for adaptive in (False, True):
+            by_mask, by_compact = w.clone(), w.clone()
+            saved_a = fisher_math.perturb_(by_mask, grad, mask, 0.3, adaptive)
+            saved_b = fisher_math.perturb_(by_compact, grad, compact, 0.3, adaptive)
+            assert torch.equal(by_mask, by_compact) and torch.equal(saved_a, saved_b)
+            assert not torch.equal(by_mask, w)
+            assert torch.equal(by_mask[~mask], w[~mask])      # untouched outside the mask
+            assert torch.equal(fisher_math.norm_sq_terms(w, grad, mask, adaptive),
+                               fisher_math.norm_sq_terms(w, grad, compact, adaptive))
+            fisher_math.restore_(by_compact, compact, saved_b)
+            assert torch.equal(by_compact, w)                  # bit-exact restore

@@ -53,7 +53,12 @@ ADAMW = dict(lr=1e-2, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01)
     dict(sparsity=0.7, mask_interval=1, adaptive=True, rho=0.5),
     dict(sparsity=0.8, mask_interval=1, always_perturb=[]),
 ])
-def test_matches_reference_for_20_adamw_steps(settings):
+@pytest.mark.parametrize("chunk_numel", [None, 7])
+def test_matches_reference_for_20_adamw_steps(settings, chunk_numel, monkeypatch):
+    """chunk_numel=7: the Fisher scores reach the threshold and the mask in 7-element chunks
+    (cut across parameters' range boundaries), which must change nothing."""
+    if chunk_numel:
+        monkeypatch.setattr(fsam_ds.optimizer, "CHUNK_NUMEL", chunk_numel)
     settings = {"rho": 0.05, **settings}
     torch.manual_seed(0)
     model = TinyNet()

@@ -41,14 +41,39 @@ def make_cases(world_size):
     return cases
 
 
+def random_pieces(shard, generator):
+    """The shard cut at random points (empty pieces included), as FSAM's chunk producer yields it."""
+    cuts = sorted(torch.randint(0, shard.numel() + 1, (4,), generator=generator).tolist())
+    bounds = [0] + cuts + [shard.numel()]
+    return [shard[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
 def threshold_on_ranks(rank, world_size, bits_per_round):
+    """Per case: the threshold from the whole shard, and whether the two chunked forms (a
+    producer of random pieces; the tensor cut into 3-element chunks) agree with it exactly."""
     import torch.distributed as dist
+    from fsam_ds import topk_threshold
+    g = torch.Generator().manual_seed(rank)
     out = []
     for name, shards, k in make_cases(world_size):
         shard = shards[rank]
         found = exact_topk_threshold(shard, k, dist.group.WORLD, bits_per_round=bits_per_round)
         keep = fisher_math.mask_from_threshold(shard, found.value, found.num_ties_kept)
-        out.append((name, found.value, shard[keep].tolist()))
+        pieces = random_pieces(shard, g)
+        from_pieces = exact_topk_threshold(lambda: iter(pieces), k, dist.group.WORLD, bits_per_round)
+        ties_left, kept_pieces = from_pieces.num_ties_kept, []
+        for piece in pieces:
+            piece_keep, taken = fisher_math.mask_chunk_from_threshold(piece, from_pieces.value, ties_left)
+            ties_left -= taken
+            kept_pieces.append(piece_keep)
+        default_chunk, topk_threshold.CHUNK_NUMEL = topk_threshold.CHUNK_NUMEL, 3
+        try:
+            small_chunks = exact_topk_threshold(shard, k, dist.group.WORLD, bits_per_round)
+        finally:
+            topk_threshold.CHUNK_NUMEL = default_chunk
+        chunked_agree = (from_pieces == found == small_chunks
+                         and torch.equal(torch.cat(kept_pieces), keep))
+        out.append((name, found.value, shard[keep].tolist(), chunked_agree))
     return out
 
 
@@ -62,6 +87,8 @@ def test_threshold_matches_topk(world_size):
             assert len(kept) == k, f"{name} ({bits}-bit rounds): kept {len(kept)} != k={k}"
             expected = sorted(torch.topk(everything, k).values.tolist()) if k else []
             assert kept == expected, f"{name} ({bits}-bit rounds): kept values differ from topk"
+            assert all(per_rank[r][case_index][3] for r in range(world_size)), \
+                f"{name} ({bits}-bit rounds): chunked scores gave another threshold or mask"
             values = {per_rank[r][case_index][1] for r in range(world_size)}
             assert len(values) == 1, f"{name}: ranks disagree on the threshold: {values}"
             if k:
