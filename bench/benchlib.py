@@ -35,6 +35,10 @@ PRESETS = {
     "tiny": dict(n_layer=2, n_embd=64, n_head=2, vocab_size=512),
     "350m": dict(n_layer=24, n_embd=1024, n_head=16, vocab_size=GPT2_VOCAB_SIZE),
     "1.3b": dict(n_layer=24, n_embd=2048, n_head=16, vocab_size=GPT2_VOCAB_SIZE),
+    # 5.0B: the largest GPT-2 shape whose FSAM ZeRO-3 step (~22 B/param: bf16 weights and
+    # gradients, fp32 masters, AdamW moments, FSAM's first-pass gradients, mask and saved values)
+    # fits one 141 GB H200 with activation checkpointing
+    "5b": dict(n_layer=24, n_embd=4096, n_head=32, vocab_size=GPT2_VOCAB_SIZE),
     "7b": dict(n_layer=32, n_embd=4096, n_head=32, vocab_size=GPT2_VOCAB_SIZE),
 }
 

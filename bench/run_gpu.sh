@@ -14,11 +14,14 @@
 # /tmp/site when `import deepspeed` fails.
 #
 # Environment (defaults in brackets):
-#   BENCH         which benchmarks, any of: step_time threshold memory cpu_ratio  [all four]
+#   BENCH         which benchmarks, any of: step_time threshold memory cpu_ratio profile
+#                 [all but profile]; profile = bench/profile_step.py on each STEP_CASES case
 #   GPU_COUNTS    torchrun --nproc_per_node values to run                  [all GPUs present]
 #   STEP_CASES    step_time cases, model:zero_stage:micro_batch[:ckpt]
 #                 [350m:2:8 350m:3:8 1.3b:2:8 1.3b:3:8]; e.g. 7b:3:2:ckpt on 2-4 GPUs (7B's
 #                 fp32 masters, AdamW state and FSAM's buffers do not fit one 141 GB GPU)
+#   STEP_VARIANTS step_time variants, comma-separated, in run order  [adamw,sam,fsam_every_step,
+#                 fsam_every_100]; put a variant that may not fit last (each is saved as it ends)
 #   SEQ_LEN       sequence length for step_time and memory                 [1024]
 #   WARMUP STEPS  step_time warm-up and timed steps                         [3 8]
 #   MEMORY_CASES  fsam_memory cases, model:zero_stage[:micro_batch]  [350m:2 350m:3 1.3b:2 1.3b:3]
@@ -98,8 +101,16 @@ for n in $GPU_COUNTS; do
       if [ "${ckpt:-}" = ckpt ]; then extra=(--activation_checkpointing); tag=_ckpt; fi
       run "step_time $model zero$zero n$n" "${launch[@]}" bench/step_time.py --model "$model" \
         --zero_stage "$zero" --micro_batch "${mb:-8}" --seq_len "$SEQ_LEN" --warmup "$WARMUP" \
-        --steps "$STEPS" "${extra[@]}" \
+        --steps "$STEPS" "${extra[@]}" ${STEP_VARIANTS:+--variants "$STEP_VARIANTS"} \
         --out "$RESULTS_DIR/step_time_${model}_z${zero}_mb${mb:-8}${tag}_n$n.json"
+    done
+  fi
+  if wants profile; then
+    for case in $STEP_CASES; do
+      IFS=: read -r model zero mb ckpt <<<"$case"
+      run "profile_step $model zero$zero n$n" "${launch[@]}" bench/profile_step.py --model "$model" \
+        --zero_stage "$zero" --micro_batch "${mb:-8}" --seq_len "$SEQ_LEN" \
+        --out "$RESULTS_DIR/profile_step_${model}_z${zero}_mb${mb:-8}_n$n.json"
     done
   fi
   if wants threshold; then

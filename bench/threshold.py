@@ -10,7 +10,9 @@ median of --repeats runs after one warm-up (a run's time is the slowest rank's):
   exact_topk_threshold[bits=B]   the sharded radix select over the world (NCCL or gloo
                                  all-reduces of 2^B-bin histograms; one rank: no group, no
                                  communication), B in --bits_per_round
-  exact_topk_threshold+mask      the threshold and fsam_ds's mask from it (a refresh's selection)
+  exact_topk_threshold+mask      the threshold and fsam_ds's mask from it, built chunk by chunk
+                                 into int32 positions as a refresh does (its extra memory
+                                 includes the 0.4 B/score mask itself)
   torch.topk                     torch.topk(scores, k_local, sorted=False) on one device, k_local =
                                  --keep of this rank's count: the same selection over the same
                                  count without a distributed algorithm (an OOM is recorded)
@@ -105,7 +107,8 @@ def group_barrier(rt: benchlib.Runtime) -> None:
 def run(args) -> dict:
     rt = benchlib.start(use_deepspeed=False)
     from fsam_ds import exact_topk_threshold
-    from fsam_ds.fisher_math import mask_from_threshold
+    from fsam_ds.fisher_math import MaskBuilder, mask_chunk_from_threshold
+    from fsam_ds.topk_threshold import score_chunks
 
     bits_options = [int(b) for b in args.bits_per_round.split(",") if b]
     if not 0 < args.keep <= 1:
@@ -124,8 +127,14 @@ def run(args) -> dict:
             rt, args.repeats)
 
     def threshold_and_mask():
+        """As an FSAM refresh does it: chunk by chunk into int32 positions (bool if dense)."""
         found = exact_topk_threshold(scores, k, group)
-        return mask_from_threshold(scores, found.value, found.num_ties_kept)
+        builder, start, ties_left = MaskBuilder(scores.numel(), scores.device), 0, found.num_ties_kept
+        for chunk in score_chunks(scores):
+            keep, taken = mask_chunk_from_threshold(chunk, found.value, ties_left)
+            builder.keep_chunk(start, keep)
+            start, ties_left = start + chunk.numel(), ties_left - taken
+        return builder.finish()
     methods["exact_topk_threshold+mask"] = measure(threshold_and_mask, rt, args.repeats)
 
     # a second pass over the scores is what separates a two-round select from one read

@@ -186,6 +186,10 @@ def _attach(engine) -> deepspeed_adapter.EngineView:
     return view
 
 
+# Named ranges for torch.profiler (bench/profile_step.py); near free when no profiler runs.
+_region = torch.profiler.record_function
+
+
 def _mean(losses) -> float:
     return float(torch.stack([l.detach().float() for l in losses]).mean())
 
@@ -205,18 +209,23 @@ def train_step(engine, loss_fn, micro_batches) -> float:
 
     # 1. first pass at w: the wrapper reduces, clips and hands FSAM the gradients (captured only)
     first_losses = []
-    for i, batch in enumerate(micro_batches):
-        loss = loss_fn(engine, batch)
-        engine.backward(loss)
-        first_losses.append(loss)
-        if i < gas - 1:
-            engine.step()   # not a boundary: only advances DeepSpeed's micro-step counter
+    with _region("fsam.first_pass"):
+        for i, batch in enumerate(micro_batches):
+            loss = loss_fn(engine, batch)
+            engine.backward(loss)
+            first_losses.append(loss)
+            if i < gas - 1:
+                engine.step()   # not a boundary: only advances DeepSpeed's micro-step counter
     fsam.begin_capture()
     try:
-        overflow = view.first_pass_optimizer_step()
+        with _region("fsam.first_pass_optimizer_step"):
+            overflow = view.first_pass_optimizer_step()
         # 2. norm, mask and e on the local shards; DeepSpeed publishes the perturbed shards
-        if fsam.perturb_captured():
-            view.publish_master_weights()
+        with _region("fsam.perturb"):
+            perturbed = fsam.perturb_captured()
+        if perturbed:
+            with _region("fsam.publish"):
+                view.publish_master_weights()
         if overflow:
             # The wrapper found inf/NaN in the first-pass gradients (fp16 overflow, or a non-finite
             # gradient in bf16/fp32) and skipped. The whole FSAM step is skipped, as DeepSpeed skips
@@ -227,11 +236,12 @@ def train_step(engine, loss_fn, micro_batches) -> float:
             return _mean(first_losses)
         # 3. second pass at w + e; the engine's step restores w and takes the base step
         second_losses = []
-        for batch in micro_batches:
-            loss = loss_fn(engine, batch)
-            engine.backward(loss)
-            second_losses.append(loss)
-            engine.step()
+        with _region("fsam.second_pass"):   # engine.step() restores w and takes the base step
+            for batch in micro_batches:
+                loss = loss_fn(engine, batch)
+                engine.backward(loss)
+                second_losses.append(loss)
+                engine.step()
     except BaseException:
         _abandon_step(engine, view, fsam)
         raise

@@ -74,24 +74,72 @@ def _gather(tensor: torch.Tensor, selection) -> torch.Tensor:
     return tensor.detach().reshape(-1).index_select(0, selection)
 
 
+# index_put_ widens int32 positions to int64 internally: scatter in slices of this many so that
+# the widened copy stays small (8 B per kept element otherwise).
+SCATTER_SLICE = 1 << 24
+
+
 def _scatter_(tensor: torch.Tensor, selection, values: torch.Tensor) -> None:
     if selection.dtype == torch.bool:
         tensor.detach().masked_scatter_(selection, values)
-    else:   # int32 positions; the tensor is contiguous (compact_mask's caller checks)
-        tensor.detach().view(-1).index_put_((selection,), values)
+        return
+    flat = tensor.detach().view(-1)   # int32 positions; the tensor is contiguous (MaskBuilder)
+    for start in range(0, selection.numel(), SCATTER_SLICE):
+        flat.index_put_((selection[start:start + SCATTER_SLICE],),
+                        values[start:start + SCATTER_SLICE])
+
+
+class MaskBuilder:
+    """One tensor's mask, built chunk by chunk in any order of chunks. It is kept as sorted int32
+    positions of the kept elements while they are at most a quarter of the tensor (4 bytes each,
+    so never more than a 1-byte bool mask; FSAM keeps ~10 %), and becomes a bool mask beyond
+    that. Positions make the per-step gathers and scatters cost O(kept); masked_select and
+    masked_scatter_ scan the whole mask with an int64 prefix sum (8 B per element) every time.
+    No full-length temporary is made while positions are kept."""
+
+    def __init__(self, numel: int, device, positions_allowed: bool = True):
+        self.numel, self.device = numel, device
+        self.pieces = []          # (start, int32 positions), while positions are kept
+        self.count = 0
+        self.bool_mask = None if positions_allowed and numel < 2 ** 31 else \
+            torch.zeros(numel, dtype=torch.bool, device=device)
+
+    def keep_range(self, start: int, end: int) -> None:
+        if self.bool_mask is not None:
+            self.bool_mask[start:end] = True
+        elif end > start:
+            self._add(start, torch.arange(start, end, dtype=torch.int32, device=self.device))
+
+    def keep_chunk(self, start: int, keep: torch.Tensor) -> None:
+        """keep: bool, for the elements start .. start + len(keep)."""
+        if self.bool_mask is not None:
+            self.bool_mask[start:start + keep.numel()] = keep
+        else:
+            self._add(start, keep.nonzero().view(-1).to(torch.int32).add_(start))
+
+    def _add(self, start: int, positions: torch.Tensor) -> None:
+        self.pieces.append((start, positions))
+        self.count += positions.numel()
+        if 4 * self.count > self.numel:   # denser than a quarter: a bool mask is smaller
+            self.bool_mask = torch.zeros(self.numel, dtype=torch.bool, device=self.device)
+            for _, piece in self.pieces:
+                self.bool_mask[piece.long()] = True
+            self.pieces = []
+
+    def finish(self) -> torch.Tensor:
+        """A bool mask (flat) or int32 positions (sorted)."""
+        if self.bool_mask is not None:
+            return self.bool_mask
+        ordered = [piece for _, piece in sorted(self.pieces, key=lambda item: item[0])]
+        return torch.cat(ordered) if ordered else torch.zeros(0, dtype=torch.int32, device=self.device)
 
 
 def compact_mask(mask: torch.Tensor):
-    """The cheaper form of a bool mask for the per-step gathers: the int32 positions of the kept
-    elements when they are at most a quarter of the tensor (4 bytes each, so never more memory
-    than the 1-byte mask; FSAM keeps ~10 %: 0.4 B per element), else the mask itself. Positions
-    cost O(kept) per gather; masked_select/masked_scatter_ scan the whole mask with an int64
-    prefix sum (8 B per element of transient memory) every time."""
-    flat = mask.reshape(-1)
-    num_kept_here = int(flat.sum())
-    if 4 * num_kept_here <= flat.numel() < 2 ** 31:
-        return flat.nonzero().view(-1).to(torch.int32)
-    return mask
+    """A bool mask in MaskBuilder's form: int32 positions when at most a quarter is kept."""
+    builder = MaskBuilder(mask.numel(), mask.device)
+    builder.keep_chunk(0, mask.reshape(-1))
+    result = builder.finish()
+    return mask if result.dtype == torch.bool else result
 
 
 def perturb_(weight: torch.Tensor, grad: torch.Tensor, mask, scale: float,
@@ -111,10 +159,11 @@ def perturb_(weight: torch.Tensor, grad: torch.Tensor, mask, scale: float,
         w.add_(direction * scale)
         return saved
     saved = _gather(weight, mask)
-    direction = _gather(grad, mask).to(saved.dtype)
+    direction = _gather(grad, mask).to(saved.dtype)   # a fresh tensor: updated in place below
     if adaptive:
-        direction = saved * saved * direction  # (w*w)*g, in davda54/sam's order
-    _scatter_(weight, mask, saved + direction * scale)
+        direction.mul_(saved * saved)   # (w*w)*g, in davda54/sam's order
+    direction.mul_(scale).add_(saved)   # w + scale*d, one kept-size temporary in all
+    _scatter_(weight, mask, direction)
     return saved
 
 

@@ -23,6 +23,7 @@ from fsam_ds.shard_layout import ShardLayout
 from fsam_ds.topk_threshold import CHUNK_NUMEL, exact_topk_threshold
 
 _READY, _CAPTURING, _PERTURBED = "ready", "capturing", "perturbed"
+_region = torch.profiler.record_function   # named ranges for bench/profile_step.py
 
 
 class FSAM(torch.optim.Optimizer):
@@ -133,12 +134,13 @@ class FSAM(torch.optim.Optimizer):
             self._captured.extend(self._current_grads(clone=self.clone_captured_grads))
             return None
         if self._phase == _PERTURBED and self.engine_driven:
-            with torch.no_grad():
+            with torch.no_grad(), _region("fsam.restore"):
                 for group in self.param_groups:   # under ZeRO-1/2: the one group being stepped
                     for p in group["params"]:
                         self._restore(p)
             self._base_stepped = True
-            return self.base_optimizer.step()
+            with _region("fsam.base_step"):
+                return self.base_optimizer.step()
         if self.allow_base_steps:
             return self.base_optimizer.step(closure)
         if self.engine_driven:
@@ -230,7 +232,8 @@ class FSAM(torch.optim.Optimizer):
         #    steps the mask comes later, so ||m*d|| takes a second one. Checked before any write.
         refresh = (self.num_steps % cfg.mask_interval == 0 or not self._masks_valid
                    or any(id(w) not in self._masks for w, _ in entries))
-        sums = self._sum_norm_terms(entries, use_mask=not refresh)
+        with _region("fsam.norm"):
+            sums = self._sum_norm_terms(entries, use_mask=not refresh)
         grad_norm = math.sqrt(float(sums[0]))
         if not math.isfinite(grad_norm):
             raise FloatingPointError(
@@ -242,9 +245,10 @@ class FSAM(torch.optim.Optimizer):
             sums[1] = self._sum_norm_terms(entries, use_mask=True, with_norm=False)[1]
         # 3. e on the masked elements of each local tensor, original values saved for restore
         scale = cfg.rho / (grad_norm + fisher_math.NORM_EPS)
-        for w, g in entries:
-            mask = self._masks[id(w)][1]
-            self._saved[id(w)] = (w, fisher_math.perturb_(w, g, mask, scale, cfg.adaptive))
+        with _region("fsam.apply_perturbation"):
+            for w, g in entries:
+                mask = self._masks[id(w)][1]
+                self._saved[id(w)] = (w, fisher_math.perturb_(w, g, mask, scale, cfg.adaptive))
         self.last_stats.update(grad_norm=grad_norm, perturb_scale=scale,
                                perturbation_norm=scale * math.sqrt(float(sums[1])))
 
@@ -268,11 +272,14 @@ class FSAM(torch.optim.Optimizer):
         num_ranked, num_always = self._global_counts
         k = fisher_math.num_kept(num_ranked, cfg.sparsity)
         threshold = None
+        self._masks, self._masks_valid = {}, False   # the old masks go before the new ones come
         if k < num_ranked:
             chunks = self._score_chunks(entries, layouts)
-            found = exact_topk_threshold(lambda: (scores for _, _, _, scores in chunks()), k, group)
+            with _region("fsam.refresh_threshold"):
+                found = exact_topk_threshold(lambda: (scores for _, _, _, scores in chunks()), k, group)
             threshold = found.value
-            masks = self._masks_from_threshold(entries, layouts, chunks, found)
+            with _region("fsam.refresh_mask"):
+                masks = self._masks_from_threshold(entries, layouts, chunks, found)
         else:   # every ranked element is kept (SAM): the dense ALL mask, no gathers
             masks = [fisher_math.ALL if layout.num_ranked or layout.num_always
                      else layout.build_mask(None, device).view_as(w)
@@ -304,15 +311,21 @@ class FSAM(torch.optim.Optimizer):
     @staticmethod
     def _masks_from_threshold(entries, layouts, chunks, found):
         """Each tensor's mask: ranked elements above the threshold (ties shared out in order),
-        always-perturbed ranges, padding never; compacted to positions where that is cheaper."""
-        masks = [layout.build_mask(None, w.device) for (w, _), layout in zip(entries, layouts)]
+        always-perturbed ranges, padding never; as positions where that is cheaper (MaskBuilder),
+        built chunk by chunk so that no full-length temporary exists."""
+        builders = []
+        for (w, _), layout in zip(entries, layouts):
+            builder = fisher_math.MaskBuilder(w.numel(), w.device, positions_allowed=w.is_contiguous())
+            for start, end in layout.always:
+                builder.keep_range(start, end)
+            builders.append(builder)
         ties_left = found.num_ties_kept
-        for i, start, end, scores in chunks():   # overwrites every ranked element
+        for i, start, end, scores in chunks():
             keep, ties_taken = fisher_math.mask_chunk_from_threshold(scores, found.value, ties_left)
-            masks[i][start:end] = keep
+            builders[i].keep_chunk(start, keep)
             ties_left -= ties_taken
-        return [fisher_math.compact_mask(m.view_as(w)) if w.is_contiguous() else m.view_as(w)
-                for (w, _), m in zip(entries, masks)]
+        masks = [builder.finish() for builder in builders]
+        return [m.view_as(w) if m.dtype == torch.bool else m for (w, _), m in zip(entries, masks)]
 
     def _restore(self, tensor) -> None:
         entry = self._saved.pop(id(tensor), None)

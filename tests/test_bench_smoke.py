@@ -112,3 +112,16 @@ def test_cpu_ratio_two_ranks(tmp_path):
     assert result["benchmark"] == "cpu_ratio" and result["config"]["world_size"] == 2
     check_step_variants(result, timed_steps=1)
     assert "| 2 | tiny | 2 | fsam_every_100 |" in stdout
+
+
+def test_profile_step_names_the_fsam_ranges(tmp_path):
+    result, _ = run_bench("profile_step.py", ["--model", "tiny", "--steps", "1", "--warmup", "1",
+                                               "--variants", "adamw,fsam_every_step"],
+                          tmp_path / "profile.json")
+    ranges = result["variants"]["fsam_every_step"]["ranges"]
+    for name in ("fsam.first_pass", "fsam.perturb", "fsam.refresh_threshold", "fsam.refresh_mask",
+                 "fsam.publish", "fsam.second_pass", "fsam.restore", "fsam.base_step"):
+        assert ranges[name]["calls_per_step"] == 1, name
+    assert ranges["fsam.refresh_threshold"]["host_ms_per_step"] > 0
+    assert set(result["variants"]["adamw"]["ranges"]) == {"adamw.forward_backward",
+                                                          "adamw.optimizer_step"}

@@ -1,4 +1,5 @@
 """The math module against hand-computed values."""
+import pytest
 import torch
 
 from fsam_ds import fisher_math
@@ -96,3 +97,31 @@ def test_positions_and_bool_masks_perturb_and_restore_identically():
                                fisher_math.norm_sq_terms(w, grad, compact, adaptive))
             fisher_math.restore_(by_compact, compact, saved_b)
             assert torch.equal(by_compact, w)                  # bit-exact restore
+
+
+@pytest.mark.parametrize("keep_fraction", [0.05, 0.2, 0.5, 0.9])
+def test_mask_builder_matches_the_bool_mask_in_any_chunk_order(keep_fraction):
+    """Chunks arrive out of order and an always-kept range comes first; sparse masks stay int32
+    positions (sorted), dense ones switch to a bool mask part way through."""
+    g = torch.Generator().manual_seed(int(keep_fraction * 100))
+    numel, always = 1000, (111, 148)   # exactly the 37-element chunk starting at 111
+    expected = torch.rand(numel, generator=g) < keep_fraction
+    expected[always[0]:always[1]] = True
+    builder = fisher_math.MaskBuilder(numel, "cpu")
+    builder.keep_range(*always)
+    starts = list(range(0, numel, 37))
+    for i in torch.randperm(len(starts), generator=g).tolist():
+        start = starts[i]
+        end = min(start + 37, numel)
+        if start == always[0]:
+            continue   # always-kept elements come from keep_range only, never from a chunk
+        builder.keep_chunk(start, expected[start:end].clone())
+    result = builder.finish()
+    got = torch.zeros(numel, dtype=torch.bool)
+    if result.dtype == torch.bool:
+        got = result
+    else:
+        assert result.dtype == torch.int32 and torch.equal(result, result.sort().values)
+        got[result.long()] = True
+    assert torch.equal(got, expected)
+    assert (result.dtype == torch.bool) == (4 * int(expected.sum()) > numel)
