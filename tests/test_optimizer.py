@@ -56,9 +56,12 @@ ADAMW = dict(lr=1e-2, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01)
 @pytest.mark.parametrize("chunk_numel", [None, 7])
 def test_matches_reference_for_20_adamw_steps(settings, chunk_numel, monkeypatch):
     """chunk_numel=7: the Fisher scores reach the threshold and the mask in 7-element chunks
-    (cut across parameters' range boundaries), which must change nothing."""
+    (cut across parameters' range boundaries), with the threshold's sampling narrowing forced on
+    (every 2nd score sampled, whatever the sample size); neither may change anything."""
     if chunk_numel:
         monkeypatch.setattr(fsam_ds.optimizer, "CHUNK_NUMEL", chunk_numel)
+        monkeypatch.setattr(fsam_ds.topk_threshold, "SAMPLE_STRIDE", 2)
+        monkeypatch.setattr(fsam_ds.topk_threshold, "MIN_SAMPLE", 1)
     settings = {"rho": 0.05, **settings}
     torch.manual_seed(0)
     model = TinyNet()

@@ -57,8 +57,17 @@ def threshold_on_ranks(rank, world_size, bits_per_round):
     out = []
     for name, shards, k in make_cases(world_size):
         shard = shards[rank]
-        found = exact_topk_threshold(shard, k, dist.group.WORLD, bits_per_round=bits_per_round)
+        found = exact_topk_threshold(shard, k, dist.group.WORLD, bits_per_round=bits_per_round,
+                                     sample_stride=1)
         keep = fisher_math.mask_from_threshold(shard, found.value, found.num_ties_kept)
+        # Floyd-Rivest narrowing forced on these small inputs (any sample size), at two strides:
+        # whether the bracket holds or misses, the answer must be the plain radix select's
+        default_min_sample, topk_threshold.MIN_SAMPLE = topk_threshold.MIN_SAMPLE, 1
+        try:
+            narrowed = [exact_topk_threshold(shard, k, dist.group.WORLD, bits_per_round, stride)
+                        for stride in (2, 3)]
+        finally:
+            topk_threshold.MIN_SAMPLE = default_min_sample
         pieces = random_pieces(shard, g)
         from_pieces = exact_topk_threshold(lambda: iter(pieces), k, dist.group.WORLD, bits_per_round)
         ties_left, kept_pieces = from_pieces.num_ties_kept, []
@@ -71,7 +80,7 @@ def threshold_on_ranks(rank, world_size, bits_per_round):
             small_chunks = exact_topk_threshold(shard, k, dist.group.WORLD, bits_per_round)
         finally:
             topk_threshold.CHUNK_NUMEL = default_chunk
-        chunked_agree = (from_pieces == found == small_chunks
+        chunked_agree = (from_pieces == found == small_chunks == narrowed[0] == narrowed[1]
                          and torch.equal(torch.cat(kept_pieces), keep))
         out.append((name, found.value, shard[keep].tolist(), chunked_agree))
     return out
@@ -88,7 +97,7 @@ def test_threshold_matches_topk(world_size):
             expected = sorted(torch.topk(everything, k).values.tolist()) if k else []
             assert kept == expected, f"{name} ({bits}-bit rounds): kept values differ from topk"
             assert all(per_rank[r][case_index][3] for r in range(world_size)), \
-                f"{name} ({bits}-bit rounds): chunked scores gave another threshold or mask"
+                f"{name} ({bits}-bit rounds): chunked or narrowed selection gave another answer"
             values = {per_rank[r][case_index][1] for r in range(world_size)}
             assert len(values) == 1, f"{name}: ranks disagree on the threshold: {values}"
             if k:
@@ -128,3 +137,20 @@ def nan_on_one_rank(rank, world_size):
 def test_a_nan_on_one_rank_makes_every_rank_raise_instead_of_hanging():
     messages = run_ranks(nan_on_one_rank, 3, timeout=120)
     assert all(m is not None and "1 rank(s) are NaN or negative" in m for m in messages), messages
+
+
+def test_narrowing_brackets_random_scores_and_falls_back_when_the_sample_misleads(monkeypatch):
+    from fsam_ds import topk_threshold
+    monkeypatch.setattr(topk_threshold, "MIN_SAMPLE", 1)
+    scores = torch.rand(100_000, generator=torch.Generator().manual_seed(5))
+    k = 10_000
+    narrowed = topk_threshold._narrowed_select(scores, k, None, 8, sample_stride=16)
+    assert narrowed is not None     # the bracket held: the select ran on the band only
+    assert narrowed == exact_topk_threshold(scores, k, sample_stride=1)
+    assert narrowed.value == torch.topk(scores, k).values[-1].item()
+    # every sampled (even) position is 0: the sample says the top 10 % are zeros; they are not
+    blind = torch.zeros(100_000)
+    blind[1::2] = torch.rand(50_000, generator=torch.Generator().manual_seed(6)) + 1.0
+    assert topk_threshold._narrowed_select(blind, k, None, 8, sample_stride=2) is None
+    found = exact_topk_threshold(blind, k, sample_stride=2)
+    assert found.value == torch.topk(blind, k).values[-1].item() and found.num_greater == k - 1
