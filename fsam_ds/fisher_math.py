@@ -90,10 +90,12 @@ def _scatter_(tensor: torch.Tensor, selection, values: torch.Tensor) -> None:
 
 
 class MaskBuilder:
-    """One tensor's mask, built chunk by chunk in any order of chunks. It is kept as sorted int32
+    """One tensor's mask, built chunk by chunk in any order of chunks. It is kept as int32
     positions of the kept elements while they are at most a quarter of the tensor (4 bytes each,
     so never more than a 1-byte bool mask; FSAM keeps ~10 %), and becomes a bool mask beyond
-    that. Positions make the per-step gathers and scatters cost O(kept); masked_select and
+    that. Positions ascend within each chunk or range; chunks and ranges are ordered by their
+    first element (a chunk spanning an always-kept range comes before it): the order only has
+    to be the same at perturb and restore. Positions make the per-step gathers and scatters cost O(kept); masked_select and
     masked_scatter_ scan the whole mask with an int64 prefix sum (8 B per element) every time.
     No full-length temporary is made while positions are kept."""
 
@@ -117,6 +119,28 @@ class MaskBuilder:
         else:
             self._add(start, keep.nonzero().view(-1).to(torch.int32).add_(start))
 
+    def keep_pieces(self, pieces, keep: torch.Tensor) -> None:
+        """keep: bool over the concatenation of the elements in `pieces` ((start, end) ranges,
+        in increasing order), as one chunk of FSAM's scores covers several ranges."""
+        if len(pieces) == 1:
+            self.keep_chunk(pieces[0][0], keep)
+            return
+        if self.bool_mask is not None:
+            offset = 0
+            for start, end in pieces:
+                self.bool_mask[start:end] = keep[offset:offset + end - start]
+                offset += end - start
+            return
+        # positions in the concatenation -> positions in the tensor: add the start of the piece
+        # each falls in, minus where that piece begins in the concatenation
+        lengths = torch.tensor([end - start for start, end in pieces])
+        chunk_starts = torch.cumsum(lengths, 0) - lengths
+        shifts = torch.tensor([start for start, _ in pieces]) - chunk_starts
+        positions = keep.nonzero().view(-1)
+        piece = torch.searchsorted(chunk_starts.to(positions.device), positions, right=True) - 1
+        positions += shifts.to(positions.device)[piece]
+        self._add(pieces[0][0], positions.to(torch.int32))
+
     def _add(self, start: int, positions: torch.Tensor) -> None:
         self.pieces.append((start, positions))
         self.count += positions.numel()
@@ -127,7 +151,7 @@ class MaskBuilder:
             self.pieces = []
 
     def finish(self) -> torch.Tensor:
-        """A bool mask (flat) or int32 positions (sorted)."""
+        """A bool mask (flat) or int32 positions."""
         if self.bool_mask is not None:
             return self.bool_mask
         ordered = [piece for _, piece in sorted(self.pieces, key=lambda item: item[0])]

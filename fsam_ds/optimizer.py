@@ -276,7 +276,7 @@ class FSAM(torch.optim.Optimizer):
         if k < num_ranked:
             chunks = self._score_chunks(entries, layouts)
             with _region("fsam.refresh_threshold"):
-                found = exact_topk_threshold(lambda: (scores for _, _, _, scores in chunks()), k, group)
+                found = exact_topk_threshold(lambda: (scores for _, _, scores in chunks()), k, group)
             threshold = found.value
             with _region("fsam.refresh_mask"):
                 masks = self._masks_from_threshold(entries, layouts, chunks, found)
@@ -287,25 +287,31 @@ class FSAM(torch.optim.Optimizer):
         self._masks = {id(w): (w, m) for (w, _), m in zip(entries, masks)}
         self._masks_valid = True
         self.last_stats = {"threshold": threshold, "num_kept": k,
+                           "threshold_narrowed": found.narrowed if threshold is not None else None,
                            "mask_density": (k + num_always) / max(1, num_ranked + num_always)}
 
     def _score_chunks(self, entries, layouts):
         """A generator function over this rank's ranked Fisher scores, chunk by chunk in entry and
-        range order, as (entry index, start, end, scores), recomputed on every call: the threshold
-        reads them twice and the mask once more, and squaring a gradient chunk again is cheaper
-        than holding a 4-byte score per element."""
+        range order, as (entry index, pieces, scores): `pieces` are the (start, end) ranges of the
+        tensor whose scores are concatenated in `scores`. Recomputed on every call (the threshold
+        reads them up to four times, the mask once more): squaring a gradient chunk again is
+        cheaper than holding a 4-byte score per element. A chunk gathers many ranked ranges (a
+        ZeRO partition has ~4 per transformer layer) up to CHUNK_NUMEL elements, because the
+        per-chunk work is many small kernels and a host sync: per-range chunks made the refresh
+        launch-bound (~100 chunks for a 355M model on an H200)."""
         use_adam_state = self.config.fisher == "exp_avg_sq" and all(
             "exp_avg_sq" in self.state.get(w, {}) for w, _ in entries)
         sources = [(self.state[w]["exp_avg_sq"] if use_adam_state else g).detach().reshape(-1)
                    for w, g in entries]
-        pieces = [(i, start, min(start + CHUNK_NUMEL, end))
-                  for i, layout in enumerate(layouts) for s, end in layout.ranked
-                  for start in range(s, end, CHUNK_NUMEL)]
+        windows = [(i, pieces) for i, layout in enumerate(layouts)
+                   for pieces in _windows(layout.ranked, CHUNK_NUMEL)]
 
         def chunks():
-            for i, start, end in pieces:
-                yield i, start, end, (sources[i][start:end].float() if use_adam_state else
-                                      fisher_math.fisher_scores(sources[i][start:end]))
+            for i, pieces in windows:
+                parts = [sources[i][start:end] for start, end in pieces]
+                values = parts[0] if len(parts) == 1 else torch.cat(parts)
+                yield i, pieces, (values.float() if use_adam_state else
+                                  fisher_math.fisher_scores(values))
         return chunks
 
     @staticmethod
@@ -320,9 +326,9 @@ class FSAM(torch.optim.Optimizer):
                 builder.keep_range(start, end)
             builders.append(builder)
         ties_left = found.num_ties_kept
-        for i, start, end, scores in chunks():
+        for i, pieces, scores in chunks():
             keep, ties_taken = fisher_math.mask_chunk_from_threshold(scores, found.value, ties_left)
-            builders[i].keep_chunk(start, keep)
+            builders[i].keep_pieces(pieces, keep)
             ties_left -= ties_taken
         masks = [builder.finish() for builder in builders]
         return [m.view_as(w) if m.dtype == torch.bool else m for (w, _), m in zip(entries, masks)]
@@ -418,3 +424,20 @@ def _mask_fits(mask, tensor) -> bool:
         return mask.shape == tensor.shape
     return (mask.dtype == torch.int32 and mask.dim() == 1 and tensor.is_contiguous()
             and (mask.numel() == 0 or int(mask.max()) < tensor.numel()))
+
+
+def _windows(ranges, limit: int):
+    """Group sorted (start, end) ranges, in order, into lists holding at most `limit` elements in
+    all, splitting ranges longer than that."""
+    window, size = [], 0
+    for start, end in ranges:
+        while start < end:
+            take = min(end - start, limit - size)
+            window.append((start, start + take))
+            size += take
+            start += take
+            if size == limit:
+                yield window
+                window, size = [], 0
+    if window:
+        yield window

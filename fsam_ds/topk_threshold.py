@@ -16,7 +16,7 @@ buffer only. Extra memory: the histogram, one chunk's temporaries, and the candi
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Union
 
 import torch
@@ -29,7 +29,10 @@ _FP32_BITS = 32
 CHUNK_NUMEL = 1 << 24
 # Floyd-Rivest narrowing: one score in SAMPLE_STRIDE is sampled; below MIN_SAMPLE sampled scores
 # over the group (about 1M scores at the default stride) the plain radix select is fast anyway.
-SAMPLE_STRIDE = 256
+# The stride is prime: a power of two would sample the same few columns of every weight matrix
+# (hidden sizes are multiples of 256), whose gradients are not typical, and the bracket missed
+# on every refresh of a 5B GPT-2 on an H200 (falling back to the full select, and out of memory).
+SAMPLE_STRIDE = 257
 MIN_SAMPLE = 4096
 
 ScoreSource = Union[torch.Tensor, Callable[[], Iterable[torch.Tensor]]]
@@ -39,10 +42,12 @@ ScoreSource = Union[torch.Tensor, Callable[[], Iterable[torch.Tensor]]]
 class TopkThreshold:
     """value: the k-th largest score over all ranks (+inf when k == 0);
     num_ties_kept: how many of this rank's scores equal to `value` to keep (first in index order);
-    num_greater: global count of scores > value."""
+    num_greater: global count of scores > value.
+    narrowed: whether the sampled bracket held (see exact_topk_threshold); not part of equality."""
     value: float
     num_ties_kept: int
     num_greater: int
+    narrowed: bool = field(default=False, compare=False)   # found by the sampled bracket
 
 
 def score_chunks(source: ScoreSource) -> Iterable[torch.Tensor]:
@@ -144,7 +149,8 @@ def _narrowed_select(shard_scores: ScoreSource, k: int, group, bits_per_round: i
     if not num_above < k <= num_above + num_band:
         return None   # the bracket missed the k-th largest: the caller selects over everything
     found = _radix_select(band, k - num_above, group, bits_per_round)
-    return TopkThreshold(found.value, found.num_ties_kept, found.num_greater + num_above)
+    return TopkThreshold(found.value, found.num_ties_kept, found.num_greater + num_above,
+                         narrowed=True)
 
 
 def _radix_select(shard_scores: ScoreSource, k: int, group, bits_per_round: int) -> TopkThreshold:

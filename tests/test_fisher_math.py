@@ -125,3 +125,23 @@ def test_mask_builder_matches_the_bool_mask_in_any_chunk_order(keep_fraction):
         got[result.long()] = True
     assert torch.equal(got, expected)
     assert (result.dtype == torch.bool) == (4 * int(expected.sum()) > numel)
+
+
+def test_mask_builder_maps_a_chunk_of_several_pieces_back_to_tensor_positions():
+    """One score chunk concatenates ranked ranges around an always-kept range and padding."""
+    pieces, always = [(0, 5), (8, 12), (20, 23)], (5, 8)
+    keep = torch.tensor([1, 0, 0, 1, 0,  0, 1, 1, 0,  1, 0, 1], dtype=torch.bool)
+    expected = torch.zeros(30, dtype=torch.bool)
+    expected[[0, 3, 9, 10, 20, 22]] = True
+    expected[always[0]:always[1]] = True
+    for positions_allowed, numel in ((True, 64), (False, 30)):
+        builder = fisher_math.MaskBuilder(numel, "cpu", positions_allowed=positions_allowed)
+        builder.keep_range(*always)
+        builder.keep_pieces(pieces, keep)
+        result = builder.finish()
+        got = torch.zeros(numel, dtype=torch.bool)
+        if result.dtype == torch.bool:
+            got = result
+        else:
+            got[result.long()] = True
+        assert torch.equal(got[:30], expected) and not got[30:].any()

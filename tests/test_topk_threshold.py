@@ -145,7 +145,7 @@ def test_narrowing_brackets_random_scores_and_falls_back_when_the_sample_mislead
     scores = torch.rand(100_000, generator=torch.Generator().manual_seed(5))
     k = 10_000
     narrowed = topk_threshold._narrowed_select(scores, k, None, 8, sample_stride=16)
-    assert narrowed is not None     # the bracket held: the select ran on the band only
+    assert narrowed is not None and narrowed.narrowed   # the bracket held: a select on the band
     assert narrowed == exact_topk_threshold(scores, k, sample_stride=1)
     assert narrowed.value == torch.topk(scores, k).values[-1].item()
     # every sampled (even) position is 0: the sample says the top 10 % are zeros; they are not
@@ -154,3 +154,18 @@ def test_narrowing_brackets_random_scores_and_falls_back_when_the_sample_mislead
     assert topk_threshold._narrowed_select(blind, k, None, 8, sample_stride=2) is None
     found = exact_topk_threshold(blind, k, sample_stride=2)
     assert found.value == torch.topk(blind, k).values[-1].item() and found.num_greater == k - 1
+
+
+def test_prime_sample_stride_sees_every_column_of_a_weight_gradient(monkeypatch):
+    """Gradient magnitudes differ by column (input feature); hidden sizes are multiples of 256, so
+    a stride of 256 samples one column only and its bracket misses. The prime default does not."""
+    from fsam_ds import topk_threshold
+    monkeypatch.setattr(topk_threshold, "MIN_SAMPLE", 1)
+    g = torch.Generator().manual_seed(7)
+    column_scale = 10.0 ** ((torch.arange(1024) % 256) / 64.0)   # column 0 mod 256: the smallest
+    scores = (torch.rand(512, 1024, generator=g) * column_scale).flatten() ** 2
+    k = scores.numel() // 10
+    assert topk_threshold._narrowed_select(scores, k, None, 8, sample_stride=256) is None
+    found = topk_threshold._narrowed_select(scores, k, None, 8, topk_threshold.SAMPLE_STRIDE)
+    assert found is not None and found.narrowed
+    assert found.value == torch.topk(scores, k).values[-1].item()
