@@ -22,6 +22,8 @@
 #                 fp32 masters, AdamW state and FSAM's buffers do not fit one 141 GB GPU)
 #   STEP_VARIANTS step_time variants, comma-separated, in run order  [adamw,sam,fsam_every_step,
 #                 fsam_every_100]; put a variant that may not fit last (each is saved as it ends)
+#   INTERLEAVE=1  step_time builds all variants' engines and runs their steps round-robin
+#                 (fairer ratios on a machine whose speed drifts; needs memory for all)
 #   SEQ_LEN       sequence length for step_time and memory                 [1024]
 #   WARMUP STEPS  step_time warm-up and timed steps                         [3 8]
 #   MEMORY_CASES  fsam_memory cases, model:zero_stage[:micro_batch]  [350m:2 350m:3 1.3b:2 1.3b:3]
@@ -102,7 +104,8 @@ for n in $GPU_COUNTS; do
       run "step_time $model zero$zero n$n" "${launch[@]}" bench/step_time.py --model "$model" \
         --zero_stage "$zero" --micro_batch "${mb:-8}" --seq_len "$SEQ_LEN" --warmup "$WARMUP" \
         --steps "$STEPS" "${extra[@]}" ${STEP_VARIANTS:+--variants "$STEP_VARIANTS"} \
-        --out "$RESULTS_DIR/step_time_${model}_z${zero}_mb${mb:-8}${tag}_n$n.json"
+        $([ "${INTERLEAVE:-0}" = 1 ] && echo --interleave) \
+        --out "$RESULTS_DIR/step_time_${model}_z${zero}_mb${mb:-8}${tag}$([ "${INTERLEAVE:-0}" = 1 ] && echo _interleaved)_n$n.json"
     done
   fi
   if wants profile; then

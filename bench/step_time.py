@@ -43,6 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=8, help="timed steps per variant")
     p.add_argument("--variants", default=",".join(benchlib.STEP_VARIANTS),
                    help="comma-separated subset of " + ",".join(benchlib.STEP_VARIANTS))
+    p.add_argument("--interleave", action="store_true",
+                   help="build every variant's engine first, then run the steps round-robin "
+                        "(one step of each variant per round), so that drift in the machine's "
+                        "speed hits all variants alike; needs memory for all engines at once, "
+                        "and reports no per-variant peak memory")
     p.add_argument("--out", required=True, help="JSON result file (written by rank 0)")
     return p
 
@@ -113,14 +118,62 @@ def run_variant(name: str, args, rt: benchlib.Runtime, batches) -> dict:
     return result
 
 
+def run_interleaved(names, args, rt: benchlib.Runtime, batches) -> dict:
+    """Every variant's engine at once, one step of each per round, in a rotating order."""
+    engines, num_params = {}, None
+    for name in names:
+        fsam_block = benchlib.STEP_VARIANTS[name]
+        model = benchlib.build_gpt2(args.model, args.seq_len, rt, args.activation_checkpointing)
+        num_params = benchlib.count_parameters(model)
+        engines[name] = benchlib.build_engine(
+            model, benchlib.ds_config(rt, args.zero_stage, args.micro_batch, fsam_block))
+        del model
+    times = {name: [] for name in names}
+    for round_index, input_ids in enumerate(batches):
+        shift = round_index % len(names)   # no variant always runs first (or right after another)
+        for name in names[shift:] + names[:shift]:
+            step = benchlib.plain_step if benchlib.STEP_VARIANTS[name] is None else benchlib.fsam_step
+            benchlib.sync(rt)
+            start = time.perf_counter()
+            step(engines[name], input_ids)
+            benchlib.sync(rt)
+            times[name].append(time.perf_counter() - start)
+    results = {}
+    for name in names:
+        step_times = benchlib.max_over_ranks(times[name], rt)
+        fsam_block = benchlib.STEP_VARIANTS[name]
+        results[name] = {"fsam_config": fsam_block, "num_params": num_params,
+                         "timed": benchlib.summarize_times(step_times[args.warmup:]),
+                         "step_times_s": step_times, "peak_memory_bytes": None,
+                         "refresh_steps": refresh_steps(fsam_block, len(batches)),
+                         "skipped_steps": engines[name].skipped_steps}
+        results[name]["timed_refresh_steps"] = [t for t in results[name]["refresh_steps"]
+                                                if t >= args.warmup]
+        fsam = getattr(engines[name], "_fsam", None)
+        if fsam is not None:
+            results[name].update(fsam_num_steps=fsam.num_steps, fsam_state_bytes_rank0=fsam.state_bytes(),
+                                 fsam_last_stats=dict(fsam.last_stats))
+    for name in names:
+        benchlib.release_engine(engines.pop(name))
+    benchlib.collect_memory(rt)
+    return results
+
+
+def set_ratios(result: dict) -> None:
+    variants = result["variants"]
+    result["ratios"] = {f"{a}/{b}": ratio(variants[a]["timed"]["median_s"], variants[b]["timed"]["median_s"])
+                        for a, b in RATIOS if a in variants and b in variants}
+
+
 def summary_row(result: dict) -> tuple:
     cfg, variants, ratios = result["config"], result["variants"], result["ratios"]
     median = {n: v["timed"]["median_s"] for n, v in variants.items()}
-    header = ["model", "ZeRO", "ranks", "seq x mb", "ckpt"] + \
+    header = ["model", "ZeRO", "ranks", "seq x mb", "ckpt", "interleaved"] + \
              [f"{n} median" for n in benchlib.STEP_VARIANTS] + \
              [f"{a}/{b}" for a, b in RATIOS[:3]] + ["peak adamw", "peak fsam_every_100"]
     row = [cfg["model"], cfg["zero_stage"], cfg["world_size"],
-           f"{cfg['seq_len']}x{cfg['micro_batch']}", "yes" if cfg["activation_checkpointing"] else "no"]
+           f"{cfg['seq_len']}x{cfg['micro_batch']}", "yes" if cfg["activation_checkpointing"] else "no",
+           "yes" if cfg.get("interleaved") else "no"]
     row += [fmt_seconds(median.get(n)) for n in benchlib.STEP_VARIANTS]
     row += [fmt_ratio(ratios.get(f"{a}/{b}")) for a, b in RATIOS[:3]]
     row += [fmt_bytes(variants.get(n, {}).get("peak_memory_bytes")) for n in ("adamw", "fsam_every_100")]
@@ -153,12 +206,14 @@ def run(args) -> dict:
                   "fullest rank; null on CPU. memory_before_build_bytes = what earlier variants "
                   "left allocated (included in the peak; should be near 0)"],
     }
-    for name in variants:
+    result["config"]["interleaved"] = args.interleave
+    if args.interleave:
+        result["variants"] = run_interleaved(variants, args, rt, batches)
+        set_ratios(result)
+        benchlib.write_result(args.out, result, rt)
+    for name in [] if args.interleave else variants:
         result["variants"][name] = run_variant(name, args, rt, batches)
-        result["ratios"] = {f"{a}/{b}": ratio(result["variants"][a]["timed"]["median_s"],
-                                              result["variants"][b]["timed"]["median_s"])
-                            for a, b in RATIOS
-                            if a in result["variants"] and b in result["variants"]}
+        set_ratios(result)
         benchlib.write_result(args.out, result, rt)
         if rt.is_main:
             v = result["variants"][name]

@@ -69,12 +69,15 @@ def check_step_variants(result: dict, timed_steps: int):
     assert all(r > 0 for r in result["ratios"].values())
 
 
-def test_step_time_one_rank(tmp_path):
+@pytest.mark.parametrize("interleave", [False, True])
+def test_step_time_one_rank(tmp_path, interleave):
     result, stdout = run_bench(
-        "step_time.py", ["--model", "tiny", "--zero_stage", "2", "--warmup", "0", "--steps", "1"],
+        "step_time.py", ["--model", "tiny", "--zero_stage", "2", "--warmup", "0", "--steps", "1"]
+        + (["--interleave"] if interleave else []),
         tmp_path / "step_time.json", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     assert result["benchmark"] == "step_time" and result["config"]["world_size"] == 1
+    assert result["config"]["interleaved"] == interleave
     check_step_variants(result, timed_steps=1)
     assert "| tiny | 2 | 1 |" in stdout   # the markdown summary row
 
