@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import datetime
 import gc
+import glob
+import hashlib
 import importlib.metadata
 import json
 import logging
@@ -295,6 +297,10 @@ def environment(rt: Runtime) -> dict:
         "host": platform.node(), "python": platform.python_version(), "torch": torch.__version__,
         "world_size": rt.world_size, "device": "cpu", "command": " ".join(sys.argv),
         "git_commit": _git_commit(),
+        # The device tool copies the working tree but not always an up-to-date .git, so
+        # git_commit can name an older commit: this digest of the code that ran is what to
+        # match against `python bench/benchlib.py --source-digest` at a checkout.
+        "source_digest": source_digest(),
         "dist_backend": dist.get_backend() if dist.is_initialized() else None,
         "bench_dist_backend": os.environ.get("BENCH_DIST_BACKEND"),
     }
@@ -311,6 +317,17 @@ def environment(rt: Runtime) -> dict:
         info["cpu_threads_per_rank"] = torch.get_num_threads()
         info["cpu_count"] = os.cpu_count()
     return info
+
+
+def source_digest() -> str:
+    """sha1 over fsam_ds/*.py and bench/*.py (names and contents, sorted by name), 12 hex."""
+    digest = hashlib.sha1()
+    for folder in ("fsam_ds", "bench"):
+        for path in sorted(glob.glob(os.path.join(REPO_ROOT, folder, "*.py"))):
+            digest.update(os.path.relpath(path, REPO_ROOT).encode())
+            with open(path, "rb") as f:
+                digest.update(f.read())
+    return digest.hexdigest()[:12]
 
 
 def _git_commit():
@@ -380,3 +397,10 @@ def parse_count(text: str) -> int:
     if not value >= 1 or value != int(value):
         raise argparse.ArgumentTypeError(f"expected a positive whole count such as 1e8, got {text!r}")
     return int(value)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--source-digest"]:
+        print(source_digest())
+    else:
+        raise SystemExit("usage: python bench/benchlib.py --source-digest")
