@@ -49,20 +49,21 @@ def adamw_step(engine, input_ids):
         engine.step()
 
 
-def device_time_us(event) -> float:
-    for name in ("device_time_total", "cuda_time_total"):
+def _first_attribute(event, names) -> float:
+    """torch renamed cuda_* event times to device_* (2.4); read whichever this torch has."""
+    for name in names:
         value = getattr(event, name, None)
         if value is not None:
             return float(value)
     return 0.0
+
+
+def device_time_us(event) -> float:
+    return _first_attribute(event, ("device_time_total", "cuda_time_total"))
 
 
 def self_device_time_us(event) -> float:
-    for name in ("self_device_time_total", "self_cuda_time_total"):
-        value = getattr(event, name, None)
-        if value is not None:
-            return float(value)
-    return 0.0
+    return _first_attribute(event, ("self_device_time_total", "self_cuda_time_total"))
 
 
 def profile_variant(name, args, rt, batches) -> dict:
