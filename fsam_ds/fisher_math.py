@@ -51,7 +51,7 @@ def norm_sq_terms(weight: torch.Tensor, grad: torch.Tensor, mask, adaptive: bool
                   with_norm: bool = True) -> torch.Tensor:
     """Local fp32 sums [||x||^2, ||m*d||^2] with x = g (adaptive: w*g) and d = g (adaptive: w*w*g),
     so that after one all-reduce ||g|| = sqrt(first) and ||e|| = scale * sqrt(second).
-    mask: a bool tensor, int32 positions (compact_mask), ALL, or None (not known yet: the second
+    mask: a bool tensor, int32 positions (MaskBuilder), ALL, or None (not known yet: the second
     sum is left 0).
     with_norm=False leaves the first sum 0 (already known: a refresh step's second call)."""
     grad = grad.detach().float().reshape(-1)
@@ -158,20 +158,12 @@ class MaskBuilder:
         return torch.cat(ordered) if ordered else torch.zeros(0, dtype=torch.int32, device=self.device)
 
 
-def compact_mask(mask: torch.Tensor):
-    """A bool mask in MaskBuilder's form: int32 positions when at most a quarter is kept."""
-    builder = MaskBuilder(mask.numel(), mask.device)
-    builder.keep_chunk(0, mask.reshape(-1))
-    result = builder.finish()
-    return mask if result.dtype == torch.bool else result
-
-
 def perturb_(weight: torch.Tensor, grad: torch.Tensor, mask, scale: float,
              adaptive: bool) -> torch.Tensor:
     """w[m] += e[m] in place with e = scale * g (or scale * w*w*g); returns the original w[m].
 
     mask: ALL, a bool mask shaped like w, or int32 positions into the flattened (contiguous) w
-    (see compact_mask). Only the masked elements are read, written and saved, so the backup costs
+    (see MaskBuilder). Only the masked elements are read, written and saved, so the backup costs
     (masked count) values and restore_() puts back exactly the bits that were there.
     mask=ALL: dense, a full copy."""
     if mask is ALL:

@@ -82,7 +82,9 @@ def test_positions_and_bool_masks_perturb_and_restore_identically():
         grad = torch.randn(400, generator=g)
         mask = torch.zeros(400, dtype=torch.bool)
         mask[torch.randperm(400, generator=g)[:int(400 * keep_fraction)]] = True
-        compact = fisher_math.compact_mask(mask)
+        builder = fisher_math.MaskBuilder(mask.numel(), "cpu")
+        builder.keep_chunk(0, mask)
+        compact = builder.finish()
         assert (compact.dtype == torch.int32) == expect_positions
         if expect_positions:
             assert torch.equal(compact.long(), mask.nonzero().view(-1))
