@@ -55,16 +55,20 @@ def norm_sq_terms(weight: torch.Tensor, grad: torch.Tensor, mask, adaptive: bool
     sum is left 0).
     with_norm=False leaves the first sum 0 (already known: a refresh step's second call)."""
     grad = grad.detach().float().reshape(-1)
-    w = weight.detach().float().reshape(-1)
-    x = w * grad if adaptive else grad
-    if mask is None:
-        masked_sq = x.new_zeros(())
-    else:
-        d = w * x if adaptive else grad
+    w = weight.detach().float().reshape(-1) if adaptive else None   # only ASAM reads w
+    norm_sq = masked_sq = grad.new_zeros(())
+    if with_norm:
+        x = w * grad if adaptive else grad
+        norm_sq = torch.dot(x, x)   # dot: no squared temporary
+    if mask is not None:
+        # gather first, so that only the masked elements are multiplied
+        g_m, w_m = grad, w
         if mask is not ALL:
-            d = _gather(d, mask.reshape(-1) if mask.dtype == torch.bool else mask)
+            selection = mask.reshape(-1) if mask.dtype == torch.bool else mask
+            g_m = _gather(grad, selection)
+            w_m = _gather(w, selection) if adaptive else None
+        d = w_m * (w_m * g_m) if adaptive else g_m
         masked_sq = torch.dot(d, d)
-    norm_sq = torch.dot(x, x) if with_norm else x.new_zeros(())  # dot: no squared temporary
     return torch.stack([norm_sq, masked_sq])
 
 
