@@ -189,6 +189,17 @@ def build_engine(model, config: dict):
     return init(model=model, config=config)[0]
 
 
+def build_variant(fsam_block, args, rt: Runtime):
+    """A fresh GPT-2 (args.model, args.seq_len, args.activation_checkpointing when present) in a
+    fresh engine for one variant (fsam_block None: the AdamW baseline). Returns the engine, the
+    parameter count and the step function (plain_step or fsam_step); no model reference stays."""
+    model = build_gpt2(args.model, args.seq_len, rt, getattr(args, "activation_checkpointing", False))
+    num_params = count_parameters(model)
+    engine = build_engine(model, ds_config(rt, args.zero_stage, args.micro_batch, fsam_block))
+    del model
+    return engine, num_params, plain_step if fsam_block is None else fsam_step
+
+
 def release_engine(engine) -> None:
     """Free an engine before the next variant (the caller then drops its reference and calls
     collect_memory). DeepSpeed 0.19.8's destroy() leaves a ZeRO-3 engine reachable from two

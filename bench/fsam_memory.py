@@ -110,12 +110,7 @@ def run_variant(name: str, args, rt: benchlib.Runtime, batches) -> dict:
     benchlib.collect_memory(rt)
     # what earlier variants left allocated; subtracted before variants are compared
     memory_before_build = benchlib.allocated_bytes(rt)
-    model = benchlib.build_gpt2(args.model, args.seq_len, rt, args.activation_checkpointing)
-    num_params = benchlib.count_parameters(model)
-    engine = benchlib.build_engine(model, benchlib.ds_config(rt, args.zero_stage, args.micro_batch,
-                                                             fsam_block))
-    del model
-    step = benchlib.plain_step if fsam_block is None else benchlib.fsam_step
+    engine, num_params, step = benchlib.build_variant(fsam_block, args, rt)
     probe, steps = None, []
     for input_ids in batches:
         benchlib.collect_memory(rt)

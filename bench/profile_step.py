@@ -68,11 +68,9 @@ def self_device_time_us(event) -> float:
 
 def profile_variant(name, args, rt, batches) -> dict:
     fsam_block = benchlib.STEP_VARIANTS[name]
-    model = benchlib.build_gpt2(args.model, args.seq_len, rt)
-    engine = benchlib.build_engine(model, benchlib.ds_config(rt, args.zero_stage, args.micro_batch,
-                                                             fsam_block))
-    del model
-    step = adamw_step if fsam_block is None else benchlib.fsam_step
+    engine, _, step = benchlib.build_variant(fsam_block, args, rt)
+    if fsam_block is None:
+        step = adamw_step   # the plain step, split into named ranges
     for input_ids in batches[:args.warmup]:
         step(engine, input_ids)
     benchlib.sync(rt)

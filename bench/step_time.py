@@ -74,12 +74,7 @@ def run_variant(name: str, args, rt: benchlib.Runtime, batches) -> dict:
     fsam_block = benchlib.STEP_VARIANTS[name]
     benchlib.collect_memory(rt)
     memory_before_build = benchlib.allocated_bytes(rt)  # what the previous variant left behind
-    model = benchlib.build_gpt2(args.model, args.seq_len, rt, args.activation_checkpointing)
-    num_params = benchlib.count_parameters(model)
-    engine = benchlib.build_engine(model, benchlib.ds_config(rt, args.zero_stage, args.micro_batch,
-                                                             fsam_block))
-    del model
-    step = benchlib.plain_step if fsam_block is None else benchlib.fsam_step
+    engine, num_params, step = benchlib.build_variant(fsam_block, args, rt)
     benchlib.sync(rt)
     memory_after_build = benchlib.allocated_bytes(rt)
     benchlib.reset_peak(rt)
@@ -120,22 +115,17 @@ def run_variant(name: str, args, rt: benchlib.Runtime, batches) -> dict:
 
 def run_interleaved(names, args, rt: benchlib.Runtime, batches) -> dict:
     """Every variant's engine at once, one step of each per round, in a rotating order."""
-    engines, num_params = {}, None
+    engines, steps, num_params = {}, {}, None
     for name in names:
-        fsam_block = benchlib.STEP_VARIANTS[name]
-        model = benchlib.build_gpt2(args.model, args.seq_len, rt, args.activation_checkpointing)
-        num_params = benchlib.count_parameters(model)
-        engines[name] = benchlib.build_engine(
-            model, benchlib.ds_config(rt, args.zero_stage, args.micro_batch, fsam_block))
-        del model
+        engines[name], num_params, steps[name] = benchlib.build_variant(
+            benchlib.STEP_VARIANTS[name], args, rt)
     times = {name: [] for name in names}
     for round_index, input_ids in enumerate(batches):
         shift = round_index % len(names)   # no variant always runs first (or right after another)
         for name in names[shift:] + names[:shift]:
-            step = benchlib.plain_step if benchlib.STEP_VARIANTS[name] is None else benchlib.fsam_step
             benchlib.sync(rt)
             start = time.perf_counter()
-            step(engines[name], input_ids)
+            steps[name](engines[name], input_ids)
             benchlib.sync(rt)
             times[name].append(time.perf_counter() - start)
     results = {}
