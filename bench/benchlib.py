@@ -189,6 +189,14 @@ def build_engine(model, config: dict):
     return init(model=model, config=config)[0]
 
 
+def model_config(args, rt: Runtime) -> dict:
+    """The settings every GPT-2 benchmark records: model shape, batch, ZeRO stage, dtype."""
+    return {"model": args.model, **PRESETS[args.model], "seq_len": args.seq_len,
+            "micro_batch": args.micro_batch, "zero_stage": args.zero_stage,
+            "activation_checkpointing": getattr(args, "activation_checkpointing", False),
+            "dtype": str(model_dtype(rt)), "world_size": rt.world_size}
+
+
 def build_variant(fsam_block, args, rt: Runtime):
     """A fresh GPT-2 (args.model, args.seq_len, args.activation_checkpointing when present) in a
     fresh engine for one variant (fsam_block None: the AdamW baseline). Returns the engine, the

@@ -266,11 +266,8 @@ def run(args) -> dict:
         dist.all_gather_object(per_rank, summary)
     result = {
         "benchmark": "fsam_memory",
-        "config": {"model": args.model, **benchlib.PRESETS[args.model], "seq_len": args.seq_len,
-                   "micro_batch": args.micro_batch, "zero_stage": args.zero_stage,
-                   "activation_checkpointing": args.activation_checkpointing,
-                   "dtype": str(benchlib.model_dtype(rt)), "world_size": rt.world_size,
-                   "sort_numel": sort_numel, "always_perturb": benchlib.GPT2_ALWAYS_PERTURB},
+        "config": {**benchlib.model_config(args, rt), "sort_numel": sort_numel,
+                   "always_perturb": benchlib.GPT2_ALWAYS_PERTURB},
         "environment": benchlib.environment(rt),
         "per_rank": per_rank,
         "variants_rank0": variants,

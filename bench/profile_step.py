@@ -107,9 +107,7 @@ def run(args) -> dict:
     batches = benchlib.random_token_batches(args.warmup + args.steps, args.micro_batch,
                                             args.seq_len, vocab, rt)
     result = {"benchmark": "profile_step",
-              "config": {"model": args.model, "zero_stage": args.zero_stage,
-                         "seq_len": args.seq_len, "micro_batch": args.micro_batch,
-                         "world_size": rt.world_size, "steps": args.steps},
+              "config": {**benchlib.model_config(args, rt), "steps": args.steps},
               "environment": benchlib.environment(rt), "variants": {}}
     for name in variants:
         result["variants"][name] = profile_variant(name, args, rt, batches)

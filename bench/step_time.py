@@ -179,11 +179,7 @@ def run(args) -> dict:
                                             args.seq_len, vocab, rt)
     result = {
         "benchmark": "step_time",
-        "config": {"model": args.model, **benchlib.PRESETS[args.model], "seq_len": args.seq_len,
-                   "micro_batch": args.micro_batch, "zero_stage": args.zero_stage,
-                   "activation_checkpointing": args.activation_checkpointing,
-                   "dtype": str(benchlib.model_dtype(rt)), "warmup": args.warmup,
-                   "steps": args.steps, "world_size": rt.world_size,
+        "config": {**benchlib.model_config(args, rt), "warmup": args.warmup, "steps": args.steps,
                    "optimizer": benchlib.BASE_OPTIMIZER,
                    "gradient_clipping": benchlib.GRADIENT_CLIPPING,
                    "always_perturb": benchlib.GPT2_ALWAYS_PERTURB},

@@ -143,14 +143,21 @@ def load(path):
 
 
 # ------------------------------------------------------------------------------------------ plots
-def plot_seed_spread(seeds, tasks, settings, path):
+OPT_COLOR = {"adamw": "tab:gray", "sam": "tab:blue", "fsam": "tab:red"}
+
+
+def _task_by_setting_grid(tasks, settings, panel_width):
+    """A figure with one panel per (task, setting); matplotlib is imported only when plotting."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(len(tasks), len(settings), squeeze=False,
+                             figsize=(panel_width * len(settings), 2.6 * len(tasks)))
+    return plt, fig, axes
 
-    fig, axes = plt.subplots(len(tasks), len(settings), figsize=(3.2 * len(settings), 2.6 * len(tasks)),
-                             squeeze=False)
-    colors = {"adamw": "tab:gray", "sam": "tab:blue", "fsam": "tab:red"}
+
+def plot_seed_spread(seeds, tasks, settings, path):
+    plt, fig, axes = _task_by_setting_grid(tasks, settings, panel_width=3.2)
     for i, task in enumerate(tasks):
         for j, setting in enumerate(settings):
             ax = axes[i][j]
@@ -159,7 +166,7 @@ def plot_seed_spread(seeds, tasks, settings, path):
                 if not accs:
                     continue
                 jitter = [x + 0.08 * (k - (len(accs) - 1) / 2) for k in range(len(accs))]
-                ax.scatter(jitter, accs, s=14, color=colors[opt], alpha=0.8)
+                ax.scatter(jitter, accs, s=14, color=OPT_COLOR[opt], alpha=0.8)
                 m = statistics.fmean(accs)
                 s = statistics.stdev(accs) if len(accs) > 1 else 0.0
                 ax.errorbar([x + 0.3], [m], yerr=[s], fmt="_", color="black", capsize=3, markersize=10)
@@ -175,13 +182,7 @@ def plot_seed_spread(seeds, tasks, settings, path):
 
 
 def plot_loss_curves(seeds, tasks, settings, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(len(tasks), len(settings), figsize=(3.4 * len(settings), 2.6 * len(tasks)),
-                             squeeze=False)
-    colors = {"adamw": "tab:gray", "sam": "tab:blue", "fsam": "tab:red"}
+    plt, fig, axes = _task_by_setting_grid(tasks, settings, panel_width=3.4)
     for i, task in enumerate(tasks):
         for j, setting in enumerate(settings):
             ax = axes[i][j]
@@ -192,7 +193,7 @@ def plot_loss_curves(seeds, tasks, settings, path):
                 loss = [x for x in runs[0]["loss"] if x is not None]
                 w = max(1, len(loss) // 20)
                 smooth = [statistics.fmean(loss[max(0, k - w + 1):k + 1]) for k in range(len(loss))]
-                ax.plot(range(1, len(loss) + 1), smooth, color=colors[opt], lw=1.2,
+                ax.plot(range(1, len(loss) + 1), smooth, color=OPT_COLOR[opt], lw=1.2,
                         label=f"{OPT_LABEL[opt]} (seed {runs[0]['seed']})")
             ax.set_title(f"{task} / {setting}", fontsize=9)
             ax.set_xlabel("step", fontsize=8)
