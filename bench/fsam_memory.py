@@ -64,29 +64,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class PerturbPhaseProbe:
-    """Wraps engine._fsam.perturb_captured (which fsam_ds.train_step calls between the passes) to
+    """Wraps engine._fsam.core.perturb (which fsam_ds.train_step calls between the passes) to
     record the memory of that phase; the step's overall peak is kept across the reset it needs."""
 
     def __init__(self, fsam, rt: benchlib.Runtime):
         self.fsam, self.rt, self.record = fsam, rt, None
-        self._original = fsam.perturb_captured
-        fsam.perturb_captured = self
+        self._original = fsam.core.perturb
+        fsam.core.perturb = self
 
-    def __call__(self):
+    def __call__(self, slots, *args, **kwargs):
         fsam, rt = self.fsam, self.rt
-        # private, read only: the gradients step() captured in the first pass; they cost memory
-        # only where fsam_ds copies them (clone_captured_grads, absent in older versions)
-        captured = getattr(fsam, "_captured", [])
-        copied = getattr(fsam, "clone_captured_grads", True)
+        # the gradients step() captured in the first pass cost memory only where fsam_ds copies
+        # them (BF16_Optimizer reuses its buffer)
+        copied = not fsam.view.grads_outlive_step
         record = {"refresh": fsam.num_steps % fsam.config.mask_interval == 0,
                   "captured_grads_copied": copied,
-                  "captured_grad_bytes": sum(g.numel() * g.element_size() for _, g in captured)
+                  "captured_grad_bytes": sum(s.grad.numel() * s.grad.element_size() for s in slots)
                   if copied else 0}
         benchlib.sync(rt)
         record["peak_before_phase"] = benchlib.peak_bytes(rt)
         start = benchlib.allocated_bytes(rt)
         benchlib.reset_peak(rt)
-        out = self._original()
+        out = self._original(slots, *args, **kwargs)
         benchlib.sync(rt)
         if rt.on_cuda:
             record["perturb_phase_peak_bytes"] = benchlib.peak_bytes(rt) - start
@@ -99,7 +98,7 @@ class PerturbPhaseProbe:
 
 def local_counts(engine) -> dict:
     """This rank's shard sizes from the layouts fsam_ds built when it attached to the engine."""
-    layouts = engine._fsam_view.layouts.values()
+    layouts = engine._fsam.view.layouts_by_key().values()
     return {"valid_numel": sum(l.num_ranked + l.num_always for l in layouts),
             "padded_numel": sum(l.numel for l in layouts),
             "ranked_numel": sum(l.num_ranked for l in layouts)}

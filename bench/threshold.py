@@ -107,7 +107,8 @@ def group_barrier(rt: benchlib.Runtime) -> None:
 def run(args) -> dict:
     rt = benchlib.start(use_deepspeed=False)
     from fsam_ds import exact_topk_threshold
-    from fsam_ds.fisher_math import MaskBuilder, mask_chunk_from_threshold
+    from fsam_ds.fisher_math import mask_chunk_from_threshold
+    from fsam_ds.shard_mask import MaskBuilder
     from fsam_ds.topk_threshold import score_chunks
 
     bits_options = [int(b) for b in args.bits_per_round.split(",") if b]
@@ -127,12 +128,12 @@ def run(args) -> dict:
             rt, args.repeats)
 
     def threshold_and_mask():
-        """As an FSAM refresh does it: chunk by chunk into int32 positions (bool if dense)."""
+        """As an FSAM refresh does it: chunk by chunk into sorted positions (a ShardMask)."""
         found = exact_topk_threshold(scores, k, group)
         builder, start, ties_left = MaskBuilder(scores.numel(), scores.device), 0, found.num_ties_kept
         for chunk in score_chunks(scores):
             keep, taken = mask_chunk_from_threshold(chunk, found.value, ties_left)
-            builder.keep_chunk(start, keep)
+            builder.keep_pieces([(start, start + chunk.numel())], keep)
             start, ties_left = start + chunk.numel(), ties_left - taken
         return builder.finish()
     methods["exact_topk_threshold+mask"] = measure(threshold_and_mask, rt, args.repeats)

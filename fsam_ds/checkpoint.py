@@ -21,10 +21,11 @@ def save_checkpoint(engine, save_dir: str, tag: str, client_state: dict | None =
     """engine.save_checkpoint(tag) on every rank, then an atomic `latest` -> tag. Call on all ranks.
     client_state is saved once (DeepSpeed keeps rank 0's); rank_state per rank (e.g. RNG states)."""
     client_state = dict(client_state or {})
-    fsam = getattr(engine, "_fsam", None)
+    fsam = _fsam_client(engine)
     if fsam is not None:
         # also kept outside the optimizer state, which a universal (world-size-changing) load drops
-        client_state["fsam"] = {"num_steps": fsam.num_steps}
+        client_state["fsam"] = {"num_steps": fsam.core.num_steps,
+                                "last_refresh_window": fsam.core.last_refresh_window}
     # DeepSpeed's ds_to_universal refuses checkpoints without this key; plain data parallelism
     # needs no tensor/pipeline-parallel details in it.
     client_state.setdefault("universal_checkpoint_info", {})
@@ -78,15 +79,23 @@ def load_checkpoint(engine, load_dir: str, tag: str | None = None):
     if path is None:
         raise ValueError(f"DeepSpeed could not load checkpoint {tag!r} from {load_dir}")
     client_state = client_state or {}
-    fsam = getattr(engine, "_fsam", None)
+    fsam = _fsam_client(engine)
     saved = client_state.get("fsam")
-    if fsam is not None and saved is not None and fsam.num_steps != saved["num_steps"]:
+    if fsam is not None and saved is not None and fsam.core.num_steps != saved["num_steps"]:
         # the optimizer state (with FSAM's masks) was not loaded: a universal checkpoint
-        fsam.num_steps = int(saved["num_steps"])
-        fsam.invalidate_masks("the checkpoint carries no per-shard FSAM masks for this world size")
+        fsam.core.num_steps = int(saved["num_steps"])
+        fsam.core.last_refresh_window = int(saved.get("last_refresh_window", -1))
+        fsam.core.forget_masks("the checkpoint carries no per-shard FSAM masks for this world size")
     rank_file = _rank_state_path(load_dir, tag)
     rank_state = torch.load(rank_file, weights_only=False) if os.path.isfile(rank_file) else None
     return tag, client_state, rank_state
+
+
+def _fsam_client(engine):
+    from fsam_ds.deepspeed_adapter import engine_client_optimizer
+    from fsam_ds.deepspeed_client import FSAMDeepSpeedClient
+    client = engine_client_optimizer(engine)
+    return client if isinstance(client, FSAMDeepSpeedClient) else None
 
 
 def _rank_state_path(save_dir, tag):

@@ -27,6 +27,9 @@ class FSAMConfig:
     """ASAM-style perturbation e = rho * m*w*w*g / ||w*g||."""
     always_perturb: tuple = field(default=DEFAULT_ALWAYS_PERTURB)
     """Parameter-name patterns that are always perturbed and never ranked."""
+    sam_interval: int = 1
+    """Take the perturbed two-pass step every this many optimizer steps (>= 1) and one plain base
+    step otherwise (as Composer's SAM `interval`); the mask is refreshed on perturbed steps only."""
 
     def __post_init__(self):
         _check_number("rho", self.rho)
@@ -41,6 +44,10 @@ class FSAMConfig:
                 or self.mask_interval < 1:
             raise ValueError(f"Invalid mask_interval: {self.mask_interval!r} (must be an integer "
                              ">= 1; 1 refreshes the mask every step)")
+        if isinstance(self.sam_interval, bool) or not isinstance(self.sam_interval, int) \
+                or self.sam_interval < 1:
+            raise ValueError(f"Invalid sam_interval: {self.sam_interval!r} (must be an integer "
+                             ">= 1; 1 perturbs every step, 2 every other step)")
         if self.fisher not in FISHER_MODES:
             raise ValueError(f"Invalid fisher: {self.fisher!r} (must be one of {FISHER_MODES})")
         if not isinstance(self.adaptive, bool):
@@ -55,6 +62,10 @@ class FSAMConfig:
             except re.error as err:
                 raise ValueError(f"Invalid always_perturb pattern {p!r}: {err}") from None
         object.__setattr__(self, "always_perturb", tuple(patterns))
+
+    @classmethod
+    def field_names(cls) -> set:
+        return {f.name for f in fields(cls)}
 
     @classmethod
     def from_dict(cls, block: dict) -> "FSAMConfig":

@@ -1,12 +1,13 @@
 """The only module that reads DeepSpeed's private attributes.
 
-It answers three questions for `fsam_ds.train_step`, for whichever optimizer wrapper DeepSpeed put
-around our client optimizer:
+It answers, for whichever optimizer wrapper DeepSpeed put around the FSAM client optimizer:
   1. which fp32 tensors does the client see on this rank, and which of their elements belong to
-     which parameter (or are partition padding)?  -> `ShardLayout`s keyed by id(tensor)
+     which parameter (or are partition padding)?  -> slots: a stable key and a `ShardLayout` each
   2. how do modified fp32 master weights reach the model?  -> `publish_master_weights()`
-  3. how does a direct `engine.optimizer.step()` (FSAM's first pass) leave the engine consistent?
-     -> `first_pass_optimizer_step()`
+  3. how does a direct wrapper step (FSAM's first pass) leave the engine consistent, with one
+     loss-scale update per FSAM step?  -> `first_pass_optimizer_step()`, `LossScaleSnapshot`
+  4. which set-ups would FSAM drive silently wrong?  -> `check_supported_engine()`, and the guard
+     that makes a plain engine.step() on an FSAM engine fail before ZeRO changes anything
 
 Where the client optimizer lives (DeepSpeed 0.19.8):
   stage 0 fp32          the model's own parameters; no wrapper
@@ -20,8 +21,9 @@ Everything is checked at start-up (`attach`), so a DeepSpeed upgrade fails loudl
 """
 from __future__ import annotations
 
+import functools
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -46,12 +48,37 @@ def _require(obj, names, what):
 
 @dataclass
 class EngineView:
-    """What this rank owns, and how to push modified fp32 masters to the model."""
+    """What this rank owns, and how to push modified fp32 masters to the model.
+    slots: (key, fp32 tensor the client sees, its ShardLayout), in a fixed order; keys are
+    (group, index) pairs that name the same tensor in every run of the same set-up."""
     kind: str                  # "fp32", "unfused", "zero12", "bf16", "zero3"
     engine: object
-    layouts: dict              # id(fp32 tensor the client sees) -> ShardLayout
+    slots: list
     process_group: object      # group the shards are spread over; None when replicated
     optimizer_state_linked: bool = False
+    _by_id: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        self._by_id = {id(t): (key, t, layout) for key, t, layout in self.slots}
+
+    def _entry(self, tensor):
+        entry = self._by_id.get(id(tensor))
+        if entry is None or entry[1] is not tensor:
+            raise UnsupportedDeepSpeedSetup(
+                f"DeepSpeed's {type(self.engine.optimizer).__name__} handed FSAM a tensor of shape "
+                f"{tuple(tensor.shape)} that fsam_ds has no layout for (which elements are "
+                "parameters and which are padding); FSAM will not guess. This DeepSpeed feature "
+                "is not supported with FSAM.")
+        return entry
+
+    def slot_key(self, tensor) -> tuple:
+        return self._entry(tensor)[0]
+
+    def layout(self, tensor) -> ShardLayout:
+        return self._entry(tensor)[2]
+
+    def layouts_by_key(self) -> dict:
+        return {key: layout for key, _, layout in self.slots}
 
     @property
     def grads_outlive_step(self) -> bool:
@@ -82,10 +109,13 @@ class EngineView:
                 opt.persistent_parameters[0].all_gather(opt.persistent_parameters)
             opt.invalidate_secondary_tensor()
 
+    def loss_scale_snapshot(self) -> "LossScaleSnapshot":
+        return LossScaleSnapshot.of(self.engine.optimizer)
+
     def first_pass_optimizer_step(self) -> bool:
-        """Run the wrapper's step (it unscales and clips the gradients and hands the client its
-        shards, which FSAM captures), then do the engine bookkeeping of a step except counting it:
-        zero the gradients, advance micro_steps so the gradient-accumulation boundaries of the
+        """Run the wrapper's step (it reduces, unscales and clips the gradients and hands the client
+        its shards, which FSAM captures), then do the engine bookkeeping of a step except counting
+        it: zero the gradients, advance micro_steps so the gradient-accumulation boundaries of the
         second pass fall where they would for a plain step. Returns True on overflow."""
         engine, opt = self.engine, self.engine.optimizer
         opt.step()
@@ -94,10 +124,20 @@ class EngineView:
             engine.zero_grad()
         else:
             opt.zero_grad()
-        if self.kind in ("unfused",):
+        if self.kind == "unfused":
             engine.zero_grad()  # the unfused wrapper clears only its fp32 copies' gradients
         engine.micro_steps += 1
         return overflow
+
+    def first_pass_grad_norm(self):
+        """The first pass's global gradient norm before clipping, as the wrapper computed it (the
+        client sees clipped gradients); None at stage 0 fp32, where FSAM sees them unclipped."""
+        if self.kind == "fp32":
+            return None
+        norm = getattr(self.engine.optimizer, "_global_grad_norm", None)
+        if norm is None:
+            return None
+        return float(norm.item() if isinstance(norm, torch.Tensor) else norm)
 
     def link_optimizer_state(self) -> None:
         """ZeRO-1/2 and BF16_Optimizer link each parameter to its slice of the optimizer state
@@ -121,46 +161,74 @@ class EngineView:
         engine.global_samples += engine.train_batch_size()
         engine.skipped_steps += 1
 
+    def data_parallel_group(self):
+        """The group whose ranks see different data (for averaging losses); None: one rank."""
+        import torch.distributed as dist
+        if not dist.is_initialized():
+            return None
+        return getattr(self.engine, "data_parallel_group", None) or dist.group.WORLD
 
-def attach(engine, fsam) -> EngineView:
-    """Find where `fsam` (the client optimizer) sits inside `engine` and describe its shards."""
+
+@dataclass
+class LossScaleSnapshot:
+    """The dynamic loss scaler's counters (scale, iteration, last overflow, hysteresis). FSAM's
+    first pass runs the wrapper's step, which updates the scaler; restoring this snapshot after a
+    first pass without overflow leaves the second pass's step as the step's one update, so an
+    FSAM step moves the scale exactly as a plain DeepSpeed step would."""
+    scalers: list
+
+    @classmethod
+    def of(cls, opt) -> "LossScaleSnapshot":
+        found = []
+        for name in ("loss_scaler", "loss_scale_config"):
+            scaler = getattr(opt, name, None)
+            if scaler is not None:
+                found.append((scaler, {k: v for k, v in vars(scaler).items()
+                                       if isinstance(v, (bool, int, float))}))
+        return cls(found)
+
+    def restore(self) -> None:
+        for scaler, values in self.scalers:
+            for k, v in values.items():
+                setattr(scaler, k, v)
+
+
+def attach(engine, client) -> EngineView:
+    """Find where `client` (the FSAM client optimizer) sits inside `engine`; describe its shards."""
     _require(engine, ["optimizer", "module", "micro_steps", "zero_grad"], "The DeepSpeed engine")
+    check_supported_engine(engine)
     opt = engine.optimizer
     stage = engine.zero_optimization_stage()
     names = {id(p): n for n, p in engine.module.named_parameters()}
-    always = fsam.config.is_always_perturbed
-    if fsam.config.always_perturb and not any(always(n) for n in names.values()):
-        warnings.warn(f"FSAM: no parameter name matches always_perturb {list(fsam.config.always_perturb)} "
+    always = client.config.is_always_perturbed
+    if client.config.always_perturb and not any(always(n) for n in names.values()):
+        warnings.warn(f"FSAM: no parameter name matches always_perturb {list(client.config.always_perturb)} "
                       f"(e.g. {next(iter(names.values()), '')!r}); every element is ranked. Set "
-                      'always_perturb in the "fsam" block for this model\'s names (GPT-2: "wte", "wpe", "ln_").')
+                      'always_perturb in the "fsam" block for this model\'s names.')
 
-    if getattr(engine, "pipeline_parallelism", False):
-        raise UnsupportedDeepSpeedSetup("fsam_ds does not support pipeline parallelism "
-                                        "(PipelineEngine); use ZeRO data parallelism")
-    if opt is fsam:
-        layouts = {id(p): ShardLayout.whole(p.numel(), always(names.get(id(p))))
-                   for g in fsam.param_groups for p in g["params"]}
-        return EngineView("fp32", engine, layouts, None)
+    if opt is client:
+        slots = [((gi, pi), p, ShardLayout.whole(p.numel(), always(names.get(id(p)))))
+                 for gi, g in enumerate(client.param_groups) for pi, p in enumerate(g["params"])]
+        return EngineView("fp32", engine, slots, None)
 
     cls = type(opt).__name__
-    if getattr(opt, "optimizer", None) is not fsam:
+    if getattr(opt, "optimizer", None) is not client:
         raise UnsupportedDeepSpeedSetup(
             f"DeepSpeed wrapped the FSAM optimizer in {cls}, whose client optimizer is not FSAM. "
             "Pass FSAM as the client optimizer (fsam_ds.initialize does this).")
 
     if cls == "FP16_UnfusedOptimizer":
         _require(opt, ["fp32_groups", "fp16_groups"], cls)
-        layouts = {id(fp32): ShardLayout.whole(fp32.numel(), always(names.get(id(lp))))
-                   for fp32_group, lp_group in zip(opt.fp32_groups, opt.fp16_groups)
-                   for fp32, lp in zip(fp32_group, lp_group)}
-        return EngineView("unfused", engine, layouts, None)
+        slots = [((gi, pi), fp32, ShardLayout.whole(fp32.numel(), always(names.get(id(lp)))))
+                 for gi, (fp32_group, lp_group) in enumerate(zip(opt.fp32_groups, opt.fp16_groups))
+                 for pi, (fp32, lp) in enumerate(zip(fp32_group, lp_group))]
+        return EngineView("unfused", engine, slots, None)
 
     if cls in ("DeepSpeedZeroOptimizer", "BF16_Optimizer"):
         if cls == "DeepSpeedZeroOptimizer":
             _require(opt, ["single_partition_of_fp32_groups", "bit16_groups", "update_lp_params",
                            "real_dp_process_group"], cls)
             flats, lp_groups = opt.single_partition_of_fp32_groups, opt.bit16_groups
-            groups = opt.real_dp_process_group
             if any(getattr(opt, "is_moe_param_group", [])):
                 raise UnsupportedDeepSpeedSetup("fsam_ds does not support MoE parameter groups "
                                                 "(expert-parallel groups need their own threshold)")
@@ -168,9 +236,8 @@ def attach(engine, fsam) -> EngineView:
             _require(opt, ["fp32_groups_flat_partition", "bf16_groups", "update_lp_params",
                            "real_dp_process_group"], cls)
             flats, lp_groups = opt.fp32_groups_flat_partition, opt.bf16_groups
-            groups = opt.real_dp_process_group
-        layouts = {}
-        for flat, lp_group in zip(flats, lp_groups):
+        slots = []
+        for gi, (flat, lp_group) in enumerate(zip(flats, lp_groups)):
             pieces = []
             for p in lp_group:
                 mapping = getattr(p, "_hp_mapping", None)
@@ -179,9 +246,9 @@ def attach(engine, fsam) -> EngineView:
                 address = mapping.get_hp_fragment_address()
                 pieces.append((address.start, address.start + address.numel,
                                always(names.get(id(p)))))
-            layouts[id(flat)] = ShardLayout.from_pieces(flat.numel(), pieces)
+            slots.append(((gi, 0), flat, ShardLayout.from_pieces(flat.numel(), pieces)))
         return EngineView("zero12" if cls == "DeepSpeedZeroOptimizer" else "bf16", engine,
-                          layouts, _single_group(groups))
+                          slots, _single_group(opt.real_dp_process_group))
 
     if cls == "DeepSpeedZeroOptimizer_Stage3":
         _require(opt, ["fp32_partitioned_groups_flat", "fp16_groups", "dp_process_group",
@@ -193,21 +260,106 @@ def attach(engine, fsam) -> EngineView:
         import torch.distributed as dist
         group = opt.dp_process_group
         rank = dist.get_rank(group)
-        layouts = {}
-        for flat, params in zip(opt.fp32_partitioned_groups_flat, opt.fp16_groups):
+        group_ranks = dist.get_process_group_ranks(group)
+        slots = []
+        for gi, (flat, params) in enumerate(zip(opt.fp32_partitioned_groups_flat, opt.fp16_groups)):
             pieces, offset = [], 0
             for p in params:
+                own = getattr(p, "ds_process_group", group)
+                if own is not group and dist.get_process_group_ranks(own) != group_ranks:
+                    raise UnsupportedDeepSpeedSetup(
+                        f"ZeRO-3 parameter {names.get(id(p), '?')!r} is partitioned over its own "
+                        "process group (zero.Init(data_parallel_group=...), hpZ or MiCS), not the "
+                        "optimizer's data-parallel group: FSAM's layout would be wrong. Partition "
+                        "every parameter over the data-parallel group.")
                 shard = p.ds_tensor.ds_numel           # elements of p this rank holds, padded
                 valid = max(0, min(shard, p.ds_numel - rank * shard))
                 pieces.append((offset, offset + valid, always(names.get(id(p)))))
                 offset += shard
-            assert offset == flat.numel(), "ZeRO-3 sub-group size differs from its parameters"
-            layouts[id(flat)] = ShardLayout.from_pieces(flat.numel(), pieces)
-        return EngineView("zero3", engine, layouts, group)
+            if offset != flat.numel():
+                raise UnsupportedDeepSpeedSetup(
+                    f"ZeRO-3 sub-group {gi} holds {flat.numel()} elements but its parameters' "
+                    f"shards add up to {offset}: an unknown partition layout (DeepSpeed version?)")
+            slots.append(((gi, 0), flat, ShardLayout.from_pieces(flat.numel(), pieces)))
+        return EngineView("zero3", engine, slots, group)
 
     raise UnsupportedDeepSpeedSetup(
         f"fsam_ds does not know DeepSpeed's {cls} optimizer wrapper (stage {stage}). Supported: "
         "ZeRO stages 0-3 with fp32/bf16/fp16 and CPU optimizer offload.")
+
+
+def check_supported_engine(engine) -> None:
+    """Refuse set-ups that FSAM would drive silently wrong, naming the setting and the fix."""
+    if getattr(engine, "pipeline_parallelism", False) or type(engine).__name__ == "PipelineEngine":
+        raise UnsupportedDeepSpeedSetup("fsam_ds does not support pipeline parallelism "
+                                        "(PipelineEngine); use ZeRO data parallelism")
+    autotp = getattr(engine, "autotp_size", None)
+    if getattr(engine, "mpu", None) is not None or (callable(autotp) and autotp() > 1):
+        raise UnsupportedDeepSpeedSetup(
+            "fsam_ds does not support tensor parallelism (an mpu passed to deepspeed.initialize, "
+            'or "tensor_parallel": {"autotp_size": > 1}): the Fisher threshold and the gradient '
+            "norm would count each rank's slice as the whole. Use ZeRO data parallelism only.")
+    managed = getattr(engine, "managed_gradient_accumulation", None)
+    if callable(managed) and not managed():
+        raise UnsupportedDeepSpeedSetup(
+            '"managed_gradient_accumulation": false makes every engine.step() a boundary, which '
+            "FSAM's two passes over one global batch cannot follow; remove the setting (FSAM's "
+            "train_step runs gradient_accumulation_steps micro-batches per pass itself).")
+
+
+def guard_steps(engine, allowed, message: str) -> None:
+    """Make engine.step() at an accumulation boundary, and the wrapper's own step(), raise
+    `message` unless allowed(). The engine's check runs first thing, before ZeRO updates the loss
+    scale, swaps param_groups or touches weights; it discards the misused step's gradients and
+    completes its micro-step, so the engine is as if that step had been skipped: weights,
+    optimizer state, loss scale and step counters unchanged, the next FSAM step unaffected."""
+    if getattr(engine, "_fsam_guarded", False):
+        return
+    engine_step = engine.step
+
+    @functools.wraps(engine_step)
+    def guarded_engine_step(*args, **kwargs):
+        if not allowed() and engine.is_gradient_accumulation_boundary():
+            engine.optimizer.zero_grad()
+            engine.zero_grad()
+            engine.micro_steps += 1
+            raise RuntimeError(message)
+        return engine_step(*args, **kwargs)
+
+    engine.step = guarded_engine_step
+    engine._fsam_guarded = True
+    opt = engine.optimizer
+    if getattr(opt, "optimizer", None) is None:
+        return   # stage 0 fp32: the wrapper is the client itself, whose step() checks the same
+    wrapper_step = opt.step
+
+    @functools.wraps(wrapper_step)
+    def guarded_wrapper_step(*args, **kwargs):
+        if not allowed():
+            raise RuntimeError(message)
+        return wrapper_step(*args, **kwargs)
+
+    opt.step = guarded_wrapper_step
+
+
+def install_engine_hook(before, after) -> None:
+    """Wrap DeepSpeedEngine._configure_optimizer (every deepspeed.initialize goes through it, also
+    Hugging Face Trainer's and Accelerate's): before(engine, client_optimizer) may refuse a client;
+    after(engine) runs once the optimizer (and its wrapper) exists."""
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    original = DeepSpeedEngine._configure_optimizer
+    if getattr(original, "_fsam_hook", False):
+        return
+
+    @functools.wraps(original)
+    def _configure_optimizer(engine, client_optimizer, model_parameters):
+        before(engine, client_optimizer)
+        result = original(engine, client_optimizer, model_parameters)
+        after(engine)
+        return result
+
+    _configure_optimizer._fsam_hook = True
+    DeepSpeedEngine._configure_optimizer = _configure_optimizer
 
 
 def _single_group(groups):

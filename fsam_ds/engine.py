@@ -3,12 +3,16 @@
 
 One FSAM step under DeepSpeed, on every rank:
   1. first pass: forward/backward over the micro-batches; the wrapper's step() reduces, unscales and
-     clips the gradients and hands each fp32 shard to FSAM, which only captures it;
-  2. FSAM computes the global norm, the mask (exact sharded threshold) and perturbs its shards,
-     which DeepSpeed's own machinery publishes to the model (copy + all-gather / re-partition);
+     clips the gradients and hands each fp32 shard to FSAM, which only captures it; the loss
+     scaler's update of that step is undone (the second pass's step makes the step's one update);
+  2. FSAMCore: one all-reduce of the step plan (norm, refresh, counts), the mask if the plan says
+     so (exact sharded threshold), the perturbation of the local shards, which DeepSpeed's own
+     machinery publishes to the model (copy + all-gather / re-partition);
   3. second pass: forward/backward again, then engine.step(): the wrapper calls FSAM's step(), which
-     restores the shard bit-exactly and steps the base optimizer; clipping, the LR schedule and
-     global_steps advance once, as for a plain optimizer.
+     restores the shard bit-exactly and steps the base optimizer; clipping, the LR schedule, the
+     loss scale and global_steps advance once, as for a plain optimizer.
+Steps that do not perturb (rho == 0, the plain steps of "sam_interval") are one plain DeepSpeed
+step: one pass, engine.step().
 """
 from __future__ import annotations
 
@@ -19,11 +23,12 @@ import warnings
 
 import torch
 
-from fsam_ds import deepspeed_adapter
+from fsam_ds import collectives, deepspeed_adapter
 from fsam_ds.config import FSAMConfig
-from fsam_ds.optimizer import FSAM
+from fsam_ds.deepspeed_client import (CAPTURE, PLAIN, RESTORE, FSAMDeepSpeedClient,
+                                      resolve_optimizer_class)
 
-_FSAM_KEYS = {"rho", "sparsity", "mask_interval", "fisher", "adaptive", "always_perturb"}
+_FSAM_KEYS = FSAMConfig.field_names()
 # DeepSpeed-only optimizer params that have no meaning for torch.optim classes.
 _DEEPSPEED_ONLY_PARAMS = {"torch_adam", "adam_w_mode"}
 
@@ -47,22 +52,6 @@ def load_config(config) -> dict:
     if not isinstance(loaded, dict):
         raise ValueError(f"DeepSpeed config {path} must hold a JSON object, got {type(loaded).__name__}")
     return loaded
-
-
-def resolve_optimizer_class(name: str):
-    """A torch.optim class from a DeepSpeed optimizer "type". DeepSpeed's "Adam" decouples weight
-    decay by default (adam_w_mode), so it maps to torch.optim.AdamW unless adam_w_mode is false."""
-    if not isinstance(name, str):
-        raise ValueError(f'Invalid optimizer "type": {name!r} (must be a string such as "AdamW")')
-    candidates = {n.lower(): getattr(torch.optim, n) for n in dir(torch.optim)
-                  if isinstance(getattr(torch.optim, n), type)
-                  and issubclass(getattr(torch.optim, n), torch.optim.Optimizer)
-                  and not issubclass(getattr(torch.optim, n), FSAM)}
-    cls = candidates.get(name.lower())
-    if cls is None:
-        raise ValueError(f'Unknown base optimizer "type": {name!r}; use a torch.optim optimizer, '
-                         f"e.g. one of {sorted(c.__name__ for c in candidates.values())[:12]}")
-    return cls
 
 
 def _base_optimizer_from_block(block) -> tuple:
@@ -123,6 +112,32 @@ def _deepspeed_config_for_client_optimizer(config: dict) -> dict:
     return ds_config
 
 
+def refuse_unsupported_config(config: dict, deepspeed_kwargs: dict) -> None:
+    """Settings FSAM would follow silently wrong, refused before DeepSpeed builds anything (the
+    engine hook refuses them again for engines built by plain deepspeed.initialize)."""
+    if deepspeed_kwargs.get("mpu") is not None:
+        raise ValueError("fsam_ds does not support tensor/pipeline model parallelism (mpu=...): the "
+                         "Fisher threshold and gradient norm would count each rank's slice as the "
+                         "whole model. Use ZeRO data parallelism only.")
+    autotp = (config.get("tensor_parallel") or {}).get("autotp_size", 1)
+    if isinstance(autotp, int) and autotp > 1:
+        raise ValueError(f'"tensor_parallel": {{"autotp_size": {autotp}}} is not supported by '
+                         "fsam_ds (the threshold and norm would count each slice as the whole); "
+                         "remove it and use ZeRO data parallelism.")
+    if config.get("managed_gradient_accumulation", True) is False:
+        raise ValueError('"managed_gradient_accumulation": false is not supported by fsam_ds: '
+                         "train_step runs both passes over gradient_accumulation_steps micro-batches "
+                         "itself; remove the setting.")
+
+
+def _build_client(params, base_cls, base_kwargs, fsam_config):
+    try:
+        return FSAMDeepSpeedClient(params, base_cls, config=fsam_config, **base_kwargs)
+    except TypeError as err:
+        raise ValueError(f'Invalid "optimizer" params {sorted(base_kwargs)} for '
+                         f"{base_cls.__name__}: {err}") from None
+
+
 def initialize(model, config, model_parameters=None, **deepspeed_kwargs):
     """Like deepspeed.initialize, with FSAM (from the config's "fsam" and "optimizer" blocks) as
     the client optimizer. Returns (engine, optimizer, training_dataloader, lr_scheduler)."""
@@ -132,20 +147,13 @@ def initialize(model, config, model_parameters=None, **deepspeed_kwargs):
     base_cls, base_kwargs, fsam_config = split_optimizer_config(config)
     if "optimizer" in deepspeed_kwargs:
         raise ValueError("fsam_ds.initialize builds the optimizer from the config; do not pass optimizer=")
+    refuse_unsupported_config(config, deepspeed_kwargs)
     ds_config = _deepspeed_config_for_client_optimizer(config)
     if model_parameters is None:
         model_parameters = [p for p in model.parameters() if p.requires_grad]
     model_parameters = list(model_parameters)
-    with warnings.catch_warnings():
-        # names come from the engine's module at attach time, not from the parameter list
-        warnings.filterwarnings("ignore", message="FSAM got parameters without names")
-        try:
-            fsam = FSAM(model_parameters, base_cls, **fsam_config.__dict__, **base_kwargs)
-        except TypeError as err:
-            raise ValueError(f'Invalid "optimizer" params {sorted(base_kwargs)} for '
-                             f"{base_cls.__name__}: {err}") from None
-    fsam.allow_base_steps = True  # DeepSpeed's fp16/bf16 wrappers step once at construction
-    result = deepspeed.initialize(model=model, optimizer=fsam, config=ds_config,
+    client = _build_client(model_parameters, base_cls, base_kwargs, fsam_config)
+    result = deepspeed.initialize(model=model, optimizer=client, config=ds_config,
                                   model_parameters=model_parameters, **deepspeed_kwargs)
     _attach(result[0])
     return result
@@ -170,42 +178,47 @@ def initialize_base(model, config, model_parameters=None, **deepspeed_kwargs):
                                 model_parameters=params, **deepspeed_kwargs)
 
 
-def _attach(engine) -> deepspeed_adapter.EngineView:
-    view = getattr(engine, "_fsam_view", None)
-    if view is None:
-        fsam = deepspeed_adapter.engine_client_optimizer(engine)
-        if not isinstance(fsam, FSAM):
-            raise ValueError("fsam_ds.train_step needs an engine whose optimizer is FSAM; build it "
-                             'with fsam_ds.initialize or {"optimizer": {"type": "FSAM", ...}}')
-        view = deepspeed_adapter.attach(engine, fsam)
-        fsam.set_shard_layouts(view.layouts, view.process_group,
-                               clone_captured_grads=not view.grads_outlive_step)
-        fsam.allow_base_steps = False
-        engine._fsam_view = view
-        engine._fsam = fsam
-    return view
+def _attach(engine) -> FSAMDeepSpeedClient:
+    client = deepspeed_adapter.engine_client_optimizer(engine)
+    if not isinstance(client, FSAMDeepSpeedClient):
+        raise ValueError("fsam_ds.train_step needs an engine whose optimizer is FSAM; build it "
+                         'with fsam_ds.initialize or {"optimizer": {"type": "FSAM", ...}}')
+    if client.view is None or client.view.engine is not engine:
+        client.view = deepspeed_adapter.attach(engine, client)
+        client.core.process_group = client.view.process_group
+        engine._fsam = client
+    return client
 
 
 # Named ranges for torch.profiler (bench/profile_step.py); near free when no profiler runs.
 _region = torch.profiler.record_function
 
 
-def _mean(losses) -> float:
-    return float(torch.stack([l.detach().float() for l in losses]).mean())
+def _group_mean(losses, group) -> list:
+    """Each list's mean loss over this rank's micro-batches, then over the data-parallel group (one
+    all-reduce), so that every rank reports the same values."""
+    local = torch.stack([torch.stack([l.detach().float() for l in ls]).mean() if ls else
+                         torch.zeros(()) for ls in losses]).double()
+    size = collectives.group_size(group)
+    return [v / size for v in collectives.all_reduce_sum_(local, group).tolist()]
 
 
 def train_step(engine, loss_fn, micro_batches) -> float:
     """One FSAM step over the micro-batches of one global batch (len == gradient_accumulation_steps).
-    loss_fn(engine, micro_batch) -> scalar loss. Returns this rank's mean first-pass loss.
-    After the call `engine._fsam.last_stats` holds the threshold, mask density, gradient norm,
-    the second-pass loss and the sharpness L(w+e) - L(w) (this rank's micro-batches)."""
-    view = _attach(engine)
-    fsam = engine._fsam
+    loss_fn(engine, micro_batch) -> scalar loss. Returns the mean first-pass loss over the
+    data-parallel group. After the call `engine._fsam.last_stats` holds the threshold, mask
+    density, first-pass gradient norm (before clipping), perturbation norm, the second-pass loss
+    and the sharpness L(w+e) - L(w), equal on every rank."""
+    client = _attach(engine)
+    view, core = client.view, client.core
     micro_batches = list(micro_batches)
     gas = engine.gradient_accumulation_steps()
     if len(micro_batches) != gas:
         raise ValueError(f"train_step got {len(micro_batches)} micro-batches but the config's "
                          f"gradient_accumulation_steps is {gas}; pass one global batch's micro-batches")
+    loss_group = view.data_parallel_group()
+    if not core.perturbs_this_step():
+        return _plain_step(engine, client, loss_fn, micro_batches, loss_group)
 
     # 1. first pass at w: the wrapper reduces, clips and hands FSAM the gradients (captured only)
     first_losses = []
@@ -216,51 +229,78 @@ def train_step(engine, loss_fn, micro_batches) -> float:
             first_losses.append(loss)
             if i < gas - 1:
                 engine.step()   # not a boundary: only advances DeepSpeed's micro-step counter
-    fsam.begin_capture()
+    scale_before = view.loss_scale_snapshot()
     try:
-        with _region("fsam.first_pass_optimizer_step"):
+        with client.in_mode(CAPTURE), _region("fsam.first_pass_optimizer_step"):
             overflow = view.first_pass_optimizer_step()
-        # 2. norm, mask and e on the local shards; DeepSpeed publishes the perturbed shards
-        with _region("fsam.perturb"):
-            perturbed = fsam.perturb_captured()
-        if perturbed:
-            with _region("fsam.publish"):
-                view.publish_master_weights()
         if overflow:
-            # The wrapper found inf/NaN in the first-pass gradients (fp16 overflow, or a non-finite
-            # gradient in bf16/fp32) and skipped. The whole FSAM step is skipped, as DeepSpeed skips
-            # a plain step: w untouched, loss scale lowered, the step counted as skipped.
+            # inf/NaN in the first-pass gradients (fp16 overflow, or non-finite in bf16/fp32): the
+            # wrapper skipped and lowered the loss scale once. The whole FSAM step is skipped, as
+            # DeepSpeed skips a plain step: w untouched, the step counted as skipped.
+            client.take_captured()
             view.record_skipped_step()
-            fsam.end_step()
-            fsam.last_stats.update(loss=_mean(first_losses), skipped=True)
-            return _mean(first_losses)
+            first, = _group_mean([first_losses], loss_group)
+            core.last_stats = {**core.last_stats, "loss": first, "skipped": True,
+                               "grad_norm": float("inf")}
+            return first
+        scale_before.restore()   # the second pass's engine.step() makes this step's one update
+        # 2. the step plan, the mask if due, e on the local shards; DeepSpeed publishes them
+        with _region("fsam.perturb"):
+            core.perturb(client.take_captured(), adam_state=lambda w: client.state.get(w, {}),
+                         reported_grad_norm=view.first_pass_grad_norm())
+        with _region("fsam.publish"):
+            view.publish_master_weights()
         # 3. second pass at w + e; the engine's step restores w and takes the base step
         second_losses = []
-        with _region("fsam.second_pass"):   # engine.step() restores w and takes the base step
+        with client.in_mode(RESTORE), _region("fsam.second_pass"):
             for batch in micro_batches:
                 loss = loss_fn(engine, batch)
                 engine.backward(loss)
                 second_losses.append(loss)
                 engine.step()
     except BaseException:
-        _abandon_step(engine, view, fsam)
+        _abandon_step(engine, view, client)
         raise
     # an overflow in the second pass makes the wrapper skip our step(): undo e here
-    if fsam.restore_remaining():
+    if core.restore_all():
         view.publish_master_weights()
-    fsam.end_step()
+    skipped = bool(getattr(engine.optimizer, "overflow", False))
+    core.finish_step(base_stepped=not skipped)
     view.link_optimizer_state()
-    first, second = _mean(first_losses), _mean(second_losses)
-    fsam.last_stats.update(loss=first, perturbed_loss=second, sharpness=second - first,
-                           skipped=bool(getattr(engine.optimizer, "overflow", False)))
+    first, second = _group_mean([first_losses, second_losses], loss_group)
+    core.last_stats.update(loss=first, perturbed_loss=second, sharpness=second - first,
+                           skipped=skipped)
     return first
 
 
-def _abandon_step(engine, view, fsam) -> None:
+def _plain_step(engine, client, loss_fn, micro_batches, loss_group) -> float:
+    """One pass and one base-optimizer step through the engine, as plain DeepSpeed training."""
+    losses = []
+    try:
+        with client.in_mode(PLAIN), _region("fsam.plain_step"):
+            for batch in micro_batches:
+                loss = loss_fn(engine, batch)
+                engine.backward(loss)
+                losses.append(loss)
+                engine.step()
+    except BaseException:
+        engine.optimizer.zero_grad()
+        raise
+    skipped = bool(getattr(engine.optimizer, "overflow", False))
+    client.core.finish_step(base_stepped=not skipped)
+    client.view.link_optimizer_state()
+    first, = _group_mean([losses], loss_group)
+    client.core.last_stats = {"loss": first, "skipped": skipped, "perturbed": False,
+                              "grad_norm": engine.get_global_grad_norm()}
+    return first
+
+
+def _abandon_step(engine, view, client) -> None:
     """An exception mid-step: put the unperturbed weights back so no training state is lost."""
     try:
-        if fsam.restore_remaining():
+        if client.core.restore_all():
             view.publish_master_weights()
         engine.optimizer.zero_grad()
     finally:
-        fsam.abort_step()
+        client.take_captured()
+        client.core.abort_step()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
+from functools import cached_property
 
 Ranges = tuple  # of (start, end) pairs, sorted, non-overlapping, end exclusive
 
@@ -50,21 +50,17 @@ class ShardLayout:
     def num_always(self) -> int:
         return sum(e - s for s, e in self.always)
 
-    def take_ranked(self, flat: torch.Tensor) -> torch.Tensor:
-        """The ranked elements of `flat`, concatenated (a view when there is a single range)."""
-        if len(self.ranked) == 1:
-            s, e = self.ranked[0]
-            return flat[s:e]
-        return torch.cat([flat[s:e] for s, e in self.ranked]) if self.ranked else flat[:0]
+    @cached_property
+    def valid(self) -> Ranges:
+        """Every real (non-padding) element: the ranked and always-perturbed ranges, merged."""
+        merged = []
+        for start, end in sorted(self.ranked + self.always):
+            if merged and merged[-1][1] == start:
+                merged[-1] = (merged[-1][0], end)
+            else:
+                merged.append((start, end))
+        return tuple(merged)
 
-    def build_mask(self, ranked_mask: torch.Tensor, device) -> torch.Tensor:
-        """Full-length bool mask: always-perturbed ranges True, padding False, ranked elements
-        from `ranked_mask` (in take_ranked order); ranked_mask=None keeps every ranked element."""
-        mask = torch.zeros(self.numel, dtype=torch.bool, device=device)
-        for s, e in self.always:
-            mask[s:e] = True
-        offset = 0
-        for s, e in self.ranked:
-            mask[s:e] = True if ranked_mask is None else ranked_mask[offset:offset + e - s]
-            offset += e - s
-        return mask
+    @property
+    def num_valid(self) -> int:
+        return self.num_ranked + self.num_always

@@ -15,6 +15,7 @@ class ReferenceFSAM:
         self.base = base_optimizer(param_groups or self.params, **kw)
         self.rho, self.sparsity, self.interval = rho, sparsity, mask_interval
         self.fisher, self.adaptive, self.t, self.masks = fisher, adaptive, 0, None
+        self.last_window = -1   # t // mask_interval at the last refresh (spec: "Interval mode")
         self.always = [any(re.search(p, n, re.I) for p in always_perturb) for n in self.names]
 
     def _scores(self, p):
@@ -25,7 +26,8 @@ class ReferenceFSAM:
 
     @torch.no_grad()
     def first_step(self):
-        if self.t % self.interval == 0:
+        if self.t // self.interval > self.last_window:
+            self.last_window = self.t // self.interval
             ranked = [i for i, a in enumerate(self.always) if not a]
             scores = torch.cat([self._scores(self.params[i]) for i in ranked]) if ranked else torch.zeros(0)
             k = math.ceil((1 - Fraction(repr(self.sparsity))) * scores.numel())
@@ -51,6 +53,14 @@ class ReferenceFSAM:
     def second_step(self, clip=0.0):
         for p, w in zip(self.params, self.saved):
             p.copy_(w)
+        if clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, clip)
+        self.base.step()
+        self.t += 1
+
+    @torch.no_grad()
+    def plain_step(self, clip=0.0):
+        """A step of interval mode without perturbation: the base optimizer with g."""
         if clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params, clip)
         self.base.step()

@@ -59,7 +59,7 @@ def test_matches_reference_for_20_adamw_steps(settings, chunk_numel, monkeypatch
     (cut across parameters' range boundaries), with the threshold's sampling narrowing forced on
     (every 2nd score sampled, whatever the sample size); neither may change anything."""
     if chunk_numel:
-        monkeypatch.setattr(fsam_ds.optimizer, "CHUNK_NUMEL", chunk_numel)
+        monkeypatch.setattr(fsam_ds.fsam_core, "CHUNK_NUMEL", chunk_numel)
         monkeypatch.setattr(fsam_ds.topk_threshold, "SAMPLE_STRIDE", 2)
         monkeypatch.setattr(fsam_ds.topk_threshold, "MIN_SAMPLE", 1)
     settings = {"rho": 0.05, **settings}
@@ -261,3 +261,151 @@ def test_ddp_two_ranks_equal_one_process():
     for rank_params in results:
         diff = max((p - q).abs().max().item() for p, q in zip(rank_params, model.parameters()))
         assert diff < 1e-6
+
+
+def test_sam_resumes_from_a_torch_save_round_trip():
+    """sparsity 0 (SAM) through torch.save/torch.load, not deepcopy (which keeps object identity):
+    the mask comes back as data, fits, and the run continues bit-identically."""
+    import io
+    torch.manual_seed(6)
+    a = TinyNet()
+    opt_a = fsam_ds.FSAM(a.named_parameters(), torch.optim.AdamW, sparsity=0.0, mask_interval=4, **ADAMW)
+    data = batches(8, seed=6)
+    train_fsam(a, opt_a, data[:5])
+    buffer = io.BytesIO()
+    torch.save({"model": a.state_dict(), "opt": opt_a.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=False)
+    b = TinyNet()
+    b.load_state_dict(saved["model"])
+    opt_b = fsam_ds.FSAM(b.named_parameters(), torch.optim.AdamW, sparsity=0.0, mask_interval=4, **ADAMW)
+    opt_b.load_state_dict(saved["opt"])
+    train_fsam(b, opt_b, data[5:6])
+    assert opt_b.last_stats["refreshed"] is False   # t = 5: the loaded mask was reused
+    train_fsam(b, opt_b, data[6:])
+    train_fsam(a, opt_a, data[5:])
+    assert max_diff(a, b) == 0.0
+
+
+class LateHead(TinyNet):
+    """fc_late gets a gradient only from step 1 on: the set of parameters with gradients changes."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc_late = torch.nn.Linear(13, 3)
+        self.use_late = False
+
+    def forward(self, tokens):
+        h = torch.tanh(self.norm(self.fc1(self.embed(tokens).mean(1))))
+        return self.fc2(h) + (self.fc_late(h) if self.use_late else 0)
+
+
+def test_parameter_unused_at_the_first_step_joins_the_ranking():
+    torch.manual_seed(8)
+    model = LateHead()
+    opt = fsam_ds.FSAM(model.named_parameters(), torch.optim.AdamW, sparsity=0.9, mask_interval=100,
+                       **ADAMW)
+    data = batches(2, seed=8)
+    train_fsam(model, opt, data[:1])
+    early = dict(opt.last_stats)
+    model.use_late = True
+    train_fsam(model, opt, data[1:])
+    late = opt.last_stats
+    ranked_weights = [model.fc1.weight, model.fc2.weight]
+    assert early["num_ranked"] == sum(p.numel() for p in ranked_weights)
+    # the new weight has no mask: every rank refreshes, and |R| and k count it
+    assert late["refreshed"] and late["num_ranked"] == early["num_ranked"] + model.fc_late.weight.numel()
+    assert late["num_kept"] == -(-late["num_ranked"] // 10)
+
+
+@pytest.mark.parametrize("sam_interval, mask_interval", [(2, 1), (3, 4)])
+def test_interval_mode_matches_reference(sam_interval, mask_interval):
+    torch.manual_seed(9)
+    model = TinyNet()
+    ref_model = copy.deepcopy(model)
+    opt = fsam_ds.FSAM(model.named_parameters(), torch.optim.AdamW, sparsity=0.8,
+                       mask_interval=mask_interval, sam_interval=sam_interval, **ADAMW)
+    ref = ReferenceFSAM(ref_model.named_parameters(), torch.optim.AdamW, rho=0.05, sparsity=0.8,
+                        mask_interval=mask_interval, **ADAMW)
+    calls = []
+    for t, batch in enumerate(batches(12, seed=9)):
+        opt.step(lambda: calls.append(t) or (l := loss_of(model, batch)).backward() or l)
+        loss_of(ref_model, batch).backward()
+        if t % sam_interval == 0:
+            ref.first_step(); ref.zero_grad()
+            loss_of(ref_model, batch).backward()
+            ref.second_step()
+        else:
+            ref.plain_step()
+        ref.zero_grad()
+    assert max_diff(model, ref_model) < 1e-6
+    # two passes on perturbed steps, one on the others
+    assert [calls.count(t) for t in range(12)] == [2 if t % sam_interval == 0 else 1 for t in range(12)]
+    assert opt.num_steps == 12
+    # and the perturbed steps matter: plain AdamW ends far from both
+    torch.manual_seed(9)
+    adamw_model = TinyNet()
+    adamw = torch.optim.AdamW(adamw_model.parameters(), **ADAMW)
+    for batch in batches(12, seed=9):
+        adamw.zero_grad(); loss_of(adamw_model, batch).backward(); adamw.step()
+    assert max_diff(model, adamw_model) > 1e-4
+
+
+def test_rho_zero_runs_the_closure_once_and_equals_the_base_optimizer():
+    torch.manual_seed(10)
+    a = TinyNet()
+    b = copy.deepcopy(a)
+    opt_a = fsam_ds.FSAM(a.named_parameters(), torch.optim.AdamW, rho=0.0, **ADAMW)
+    opt_b = torch.optim.AdamW(b.parameters(), **ADAMW)
+    calls = 0
+    for batch in batches(4, seed=10):
+        def closure():
+            nonlocal calls
+            calls += 1
+            loss = loss_of(a, batch)
+            loss.backward()
+            return loss
+        opt_a.step(closure)
+        opt_b.zero_grad(); loss_of(b, batch).backward(); opt_b.step()
+    assert calls == 4
+    assert max_diff(a, b) == 0.0
+
+
+def test_unsupported_deepspeed_setups_are_refused_naming_the_setting():
+    """Tensor parallelism, unmanaged gradient accumulation, pipeline engines: refused by the
+    config check (fsam_ds.initialize) and by the engine check (plain deepspeed.initialize)."""
+    from types import SimpleNamespace
+
+    from fsam_ds import deepspeed_adapter
+    from fsam_ds.engine import refuse_unsupported_config
+    with pytest.raises(ValueError, match="autotp_size"):
+        refuse_unsupported_config({"tensor_parallel": {"autotp_size": 2}}, {})
+    with pytest.raises(ValueError, match="managed_gradient_accumulation"):
+        refuse_unsupported_config({"managed_gradient_accumulation": False}, {})
+    with pytest.raises(ValueError, match="mpu"):
+        refuse_unsupported_config({}, {"mpu": object()})
+    refuse_unsupported_config({"tensor_parallel": {"autotp_size": 1}}, {})   # fine
+
+    def engine(**kw):
+        base = dict(mpu=None, autotp_size=lambda: 1, managed_gradient_accumulation=lambda: True)
+        return SimpleNamespace(**{**base, **kw})
+    deepspeed_adapter.check_supported_engine(engine())
+    for kw, match in [(dict(mpu=object()), "tensor parallelism"),
+                      (dict(autotp_size=lambda: 4), "autotp_size"),
+                      (dict(managed_gradient_accumulation=lambda: False), "managed_gradient"),
+                      (dict(pipeline_parallelism=True), "pipeline")]:
+        with pytest.raises(deepspeed_adapter.UnsupportedDeepSpeedSetup, match=match):
+            deepspeed_adapter.check_supported_engine(engine(**kw))
+
+
+def test_a_tensor_without_a_layout_is_refused_not_guessed():
+    from types import SimpleNamespace
+
+    from fsam_ds import deepspeed_adapter
+    from fsam_ds.shard_layout import ShardLayout
+    known = torch.zeros(6)
+    view = deepspeed_adapter.EngineView("zero12", SimpleNamespace(optimizer=object()),
+                                        [((0, 0), known, ShardLayout.whole(6, False))], None)
+    assert view.slot_key(known) == (0, 0)
+    with pytest.raises(deepspeed_adapter.UnsupportedDeepSpeedSetup, match="no layout"):
+        view.slot_key(torch.zeros(6))

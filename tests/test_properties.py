@@ -15,7 +15,7 @@ from fsam_ds.config import FSAMConfig
 from fsam_ds.shard_layout import ShardLayout
 from fsam_ds.topk_threshold import exact_topk_threshold
 
-KEYS = ["rho", "sparsity", "mask_interval", "fisher", "adaptive", "always_perturb"]
+KEYS = ["rho", "sparsity", "mask_interval", "fisher", "adaptive", "always_perturb", "sam_interval"]
 any_value = st.one_of(st.none(), st.booleans(), st.integers(-5, 200), st.floats(allow_nan=True),
                       st.text(max_size=6), st.lists(st.text(max_size=4), max_size=3),
                       st.sampled_from(["grad_sq", "exp_avg_sq", ["bias"], ["(bad"], 0.05, 0.9]))
@@ -34,6 +34,7 @@ def bad_keys(block):
         "rho": lambda v: is_number(v) and 0 <= v < math.inf,
         "sparsity": lambda v: is_number(v) and 0 <= v < 1,
         "mask_interval": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+        "sam_interval": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
         "fisher": lambda v: v in ("grad_sq", "exp_avg_sq"),
         "adaptive": lambda v: isinstance(v, bool),
         "always_perturb": lambda v: isinstance(v, list) and all(isinstance(p, str) and _compiles(p) for p in v),
@@ -89,28 +90,49 @@ def shard_layouts(draw):
     return tensors, draw(st.floats(0, 0.999))
 
 
+def kept_by_the_core(tensors, sparsity, mask_interval=1):
+    """Masks built by production code (FSAMCore's refresh: chunked scores, threshold, MaskBuilder)
+    for slots laid out as `tensors`, with gradients whose squares are the scores."""
+    from fsam_ds.fsam_core import FSAMCore, Slot
+    core = FSAMCore(FSAMConfig(rho=0.05, sparsity=sparsity, mask_interval=mask_interval))
+    slots = [Slot((i, 0), torch.zeros(layout.numel), scores.sqrt(), layout)
+             for i, (layout, scores) in enumerate(tensors)]
+    core.perturb(slots)
+    core.restore_all()
+    return core
+
+
 @settings(max_examples=300, deadline=None)
 @given(shard_layouts())
-def test_random_shard_layouts_keep_exactly_k_of_the_ranked_elements(case):
+def test_random_shard_layouts_keep_exactly_the_top_k_with_ties_in_index_order(case):
     tensors, sparsity = case
-    ranked = torch.cat([layout.take_ranked(scores) for layout, scores in tensors])
+    scores = [(layout, fisher_math.fisher_scores(values.sqrt())) for layout, values in tensors]
+    ranked = torch.cat([values[s:e] for layout, values in scores for s, e in layout.ranked]) \
+        if any(layout.ranked for layout, _ in scores) else torch.zeros(0)
     k = fisher_math.num_kept(ranked.numel(), sparsity)
     assert k == min(ranked.numel(), math.ceil((1 - Fraction(repr(sparsity))) * ranked.numel()))
-    found = exact_topk_threshold(ranked, k)
-    keep = fisher_math.mask_from_threshold(ranked, found.value, found.num_ties_kept)
-    assert int(keep.sum()) == k
-    assert sorted(ranked[keep].tolist()) == sorted(torch.topk(ranked, k).values.tolist())
+    # which elements: the k largest, ties broken by position (slot, then element) - exactly
+    order = torch.sort(ranked, descending=True, stable=True).indices
+    expected_ranked = torch.zeros(ranked.numel(), dtype=torch.bool)
+    expected_ranked[order[:k]] = True
+    core = kept_by_the_core(tensors, sparsity)
     offset = 0
-    for layout, scores in tensors:
-        mask = layout.build_mask(keep[offset:offset + layout.num_ranked], "cpu")
-        offset += layout.num_ranked
-        # always-perturbed pieces are in, padding is out
-        for s, e in layout.always:
-            assert mask[s:e].all()
-        covered = torch.zeros(layout.numel, dtype=torch.bool)
-        for s, e in layout.ranked + layout.always:
-            covered[s:e] = True
-        assert not mask[~covered].any()
+    for i, (layout, _) in enumerate(tensors):
+        mask = core.masks[(i, 0)]
+        got = torch.zeros(layout.numel, dtype=torch.bool)
+        for s, e in mask.dense:
+            got[s:e] = True
+        got[mask.positions.long()] = True
+        expected = torch.zeros(layout.numel, dtype=torch.bool)
+        for s, e in layout.always:            # always-perturbed pieces are in
+            expected[s:e] = True
+        for s, e in layout.ranked:            # ranked: the exact top-k; padding stays out
+            if k == ranked.numel():
+                expected[s:e] = True
+            else:
+                expected[s:e] = expected_ranked[offset:offset + e - s]
+            offset += e - s
+        assert torch.equal(got, expected), (i, layout)
 
 
 def random_layouts_on_ranks(rank, world_size, n_cases):

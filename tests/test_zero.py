@@ -21,6 +21,7 @@ CASES = {
     "adaptive": {"rho": 0.5, "sparsity": 0.8, "mask_interval": 1, "adaptive": True},
     "interval_3": {"rho": 0.05, "sparsity": 0.7, "mask_interval": 3},
     "sam": {"rho": 0.05, "sparsity": 0.0, "mask_interval": 1},
+    "sam_interval_2": {"rho": 0.05, "sparsity": 0.8, "mask_interval": 3, "sam_interval": 2},
     "rho_0": {"rho": 0.0, "sparsity": 0.9, "mask_interval": 1},
     "plain_adamw": None,   # deepspeed.initialize with the base optimizer alone
 }

@@ -35,9 +35,10 @@ def make_model(kind="padded"):
     if kind == "padded":
         return PaddedNet()
     from transformers import BertConfig, BertForSequenceClassification
+    dropout = 0.1 if kind == "bert_dropout" else 0.0
     config = BertConfig(vocab_size=11, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=24, max_position_embeddings=8, num_labels=5,
-                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+                        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
     return BertForSequenceClassification(config)
 
 
@@ -95,6 +96,13 @@ def ds_config(stage, world_size, fsam=None, dtype="fp32", offload=False, optimiz
         config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
     if dtype == "bf16":
         config["bf16"] = {"enabled": True}
+    if dtype == "bf16_fp32acc":   # stage 1: DeepSpeed's BF16_Optimizer
+        config["bf16"] = {"enabled": True}
+        config["data_types"] = {"grad_accum_dtype": "fp32"}
+    if dtype == "fp16":
+        # a small start and a short window, so that the scale moves within a few steps
+        config["fp16"] = {"enabled": True, "initial_scale_power": 8, "loss_scale_window": 2,
+                          "hysteresis": 1, "min_loss_scale": 1}
     return config
 
 
@@ -121,6 +129,7 @@ def run_fsam_case(rank, world_size, case):
         opt = torch.optim.AdamW(param_groups(model), **ADAMW)
         del config["optimizer"]
         config["zero_allow_untested_optimizer"] = True
+        config["zero_force_ds_cpu_optimizer"] = False
         engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=config)
     else:
         engine, *_ = fsam_ds.initialize(model=model, config=config, model_parameters=param_groups(model))
@@ -137,11 +146,12 @@ def run_fsam_case(rank, world_size, case):
             losses.append(fsam_ds.train_step(engine, loss_fn, mbs))
             stats.append(dict(engine._fsam.last_stats))
     result = {"weights": full_weights(engine), "losses": losses, "stats": stats,
-              "global_steps": engine.global_steps, "lr": engine.get_lr()[0]}
+              "global_steps": engine.global_steps, "lr": engine.get_lr()[0],
+              "wrapper": type(engine.optimizer).__name__}
     if case.get("fsam") is not None:
         fsam = engine._fsam
         kept = fsam.local_kept_ranked()   # with the last refresh's mask
-        result.update(kept=kept, num_ranked=(fsam._global_counts or (None,))[0],
+        result.update(kept=kept, num_ranked=next((s["num_ranked"] for s in reversed(stats) if "num_ranked" in s), None),
                       state_bytes=fsam.state_bytes())
     engine.destroy() if hasattr(engine, "destroy") else None
     return result
@@ -164,8 +174,13 @@ def reference_run(case):
                         always_perturb=fsam.get("always_perturb", ("bias", "norm", "embed")), **ADAMW)
     sched = WarmupDecayLR(ref.base, **SCHEDULER["params"])
     losses = []
-    for batch in global_batches(case["steps"]):
+    for t, batch in enumerate(global_batches(case["steps"])):
         loss = torch.nn.functional.cross_entropy(logits_of(model, batch[0]), batch[1])
+        if fsam.get("rho", 0.05) == 0 or t % fsam.get("sam_interval", 1) != 0:
+            loss.backward(); ref.plain_step(clip=CLIP); ref.zero_grad()   # one pass, base step
+            sched.step()
+            losses.append(float(loss))
+            continue
         loss.backward(); ref.first_step(); ref.zero_grad()
         torch.nn.functional.cross_entropy(logits_of(model, batch[0]), batch[1]).backward()
         ref.second_step(clip=CLIP); ref.zero_grad()

@@ -1,0 +1,304 @@
+"""`FSAMCore`: the FSAM step over one rank's tensors, shared by the pure-PyTorch `FSAM` optimizer and
+the DeepSpeed client. It owns the masks, the values saved for restore and the refresh schedule; it
+owns no parameters and no base optimizer.
+
+One perturbation, on every rank of `process_group` (None: this rank holds everything):
+  1. local sums      ||g||^2 (adaptive ||w*g||^2) and ||m*d||^2 over the real elements, the counts
+                     |R| and |always|, how many slots lack a usable mask or Adam state
+  2. one all-reduce  of those sums: the step plan. Every rank reads the same plan, so every rank
+                     takes the same branch below (the rule: no rank-local decision before a
+                     collective; all such decisions are fields of the plan)
+  3. refresh         if the plan says so: exact sharded top-k threshold, masks rebuilt
+  4. perturb         w[m] += e[m], original values saved per slot
+and later `restore` puts the saved values back bit for bit.
+
+Slots are keyed by a stable key (a (group, index) pair the caller chooses), never by id(tensor):
+masks survive torch.save/torch.load and are checked against the slot's layout before reuse.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from fsam_ds import collectives, fisher_math
+from fsam_ds.config import FSAMConfig
+from fsam_ds.shard_layout import ShardLayout
+from fsam_ds.shard_mask import MaskBuilder, ShardMask, full_mask
+from fsam_ds.topk_threshold import CHUNK_NUMEL, exact_topk_threshold
+
+STATE_VERSION = 2
+_region = torch.profiler.record_function   # named ranges for bench/profile_step.py
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One tensor the base optimizer updates on this rank, with its first-pass gradient."""
+    key: tuple
+    weight: torch.Tensor
+    grad: torch.Tensor
+    layout: ShardLayout
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """The all-reduced facts every rank acts on."""
+    grad_norm: float          # ||g|| (adaptive: ||w*g||) over the group, padding excluded
+    masked_norm_sq: float     # ||m*d||^2 with the stored masks (meaningless when refresh)
+    refresh: bool
+    num_ranked: int
+    num_always: int
+    use_adam_state: bool
+
+
+def _key_str(key) -> str:
+    return ".".join(str(k) for k in key)
+
+
+class FSAMCore:
+    def __init__(self, config: FSAMConfig, process_group=None):
+        self.config = config
+        self.process_group = process_group
+        self.num_steps = 0                 # t: completed optimizer steps (the base optimizer stepped)
+        self.last_refresh_window = -1      # t // mask_interval at the last refresh
+        self.masks: dict = {}              # key -> ShardMask
+        self.saved: dict = {}              # key -> (weight, original values at the mask)
+        self.last_stats: dict = {}
+        self._loaded_masks: dict = {}      # key str -> ShardMask from a checkpoint, checked at use
+
+    # ---- the schedule ---------------------------------------------------------------------------
+    def perturbs_this_step(self) -> bool:
+        """False: this step is one plain pass and a base step (rho == 0, or an interval-mode step
+        between perturbed ones). Equal on all ranks: it reads only num_steps and the config."""
+        return self.config.rho > 0 and self.num_steps % self.config.sam_interval == 0
+
+    def _refresh_due(self) -> bool:
+        return self.num_steps // self.config.mask_interval > self.last_refresh_window
+
+    # ---- one perturbation -----------------------------------------------------------------------
+    @torch.no_grad()
+    def perturb(self, slots: list, adam_state: Optional[Callable] = None,
+                reported_grad_norm: Optional[float] = None) -> StepPlan:
+        """Steps 1-4 above. adam_state(weight) -> the base optimizer's state dict for it (for
+        fisher="exp_avg_sq"). reported_grad_norm: the norm to report as grad_norm when the
+        gradients reached us clipped (DeepSpeed clips before its client sees them)."""
+        assert not self.saved, "FSAMCore.perturb() with weights still perturbed"
+        cfg = self.config
+        if not slots:
+            raise RuntimeError("FSAM: no gradients reached the optimizer in the first pass")
+        for slot in slots:
+            self._adopt_loaded_mask(slot)
+        # 1. local sums
+        device = slots[0].grad.device
+        local = torch.zeros(6, dtype=torch.float64, device=device)
+        missing = [s for s in slots if not self._mask_usable(s)]
+        with _region("fsam.norm"):
+            for slot in slots:
+                mask = None if missing else self.masks[slot.key]
+                local[:2] += fisher_math.norm_sq_terms(slot.weight, slot.grad, slot.layout.valid,
+                                                       mask, cfg.adaptive).double()
+        wants_state = cfg.fisher == "exp_avg_sq"
+        lacking_state = sum(1 for s in slots if not wants_state or adam_state is None
+                            or "exp_avg_sq" not in adam_state(s.weight))
+        local[2:] = torch.tensor([len(missing), sum(s.layout.num_ranked for s in slots),
+                                  sum(s.layout.num_always for s in slots), lacking_state],
+                                 dtype=torch.float64)
+        # 2. the step plan: one all-reduce
+        total = collectives.all_reduce_sum_(local, self.process_group).tolist()
+        grad_norm = math.sqrt(total[0])
+        plan = StepPlan(grad_norm=grad_norm, masked_norm_sq=total[1],
+                        refresh=self._refresh_due() or total[2] > 0,
+                        num_ranked=int(total[3]), num_always=int(total[4]),
+                        # Adam's second moment only once FSAM itself has taken a base step: state
+                        # made by a wrapper's zero-gradient set-up step is all zeros (spec: t = 0)
+                        use_adam_state=wants_state and self.num_steps > 0 and total[5] == 0)
+        if not math.isfinite(grad_norm):
+            raise FloatingPointError(
+                f"FSAM: the first-pass gradient norm is {grad_norm}; the weights were not "
+                "perturbed. Lower the learning rate, or use fp16/bf16 with DeepSpeed's overflow "
+                "check, which skips such steps.")
+        # 3. refresh
+        stats = dict(self.last_stats) if not plan.refresh else {}
+        masked_norm_sq = plan.masked_norm_sq
+        if plan.refresh:
+            stats = self._refresh(slots, plan, adam_state)
+            self.last_refresh_window = self.num_steps // cfg.mask_interval
+            sums = torch.zeros(1, dtype=torch.float64, device=device)
+            for slot in slots:
+                sums += fisher_math.norm_sq_terms(slot.weight, slot.grad, (), self.masks[slot.key],
+                                                  cfg.adaptive)[1].double()
+            masked_norm_sq = float(collectives.all_reduce_sum_(sums, self.process_group)[0])
+        # 4. perturb the masked elements, originals saved for restore
+        scale = cfg.rho / (grad_norm + fisher_math.NORM_EPS)
+        with _region("fsam.apply_perturbation"):
+            for slot in slots:
+                self.saved[slot.key] = (slot.weight, fisher_math.perturb_(
+                    slot.weight, slot.grad, self.masks[slot.key], scale, cfg.adaptive))
+        stats.update(refreshed=plan.refresh, perturb_scale=scale,
+                     grad_norm=grad_norm if reported_grad_norm is None else reported_grad_norm,
+                     perturbation_norm=scale * math.sqrt(max(0.0, masked_norm_sq)))
+        self.last_stats = stats
+        return plan
+
+    def _mask_usable(self, slot: Slot) -> bool:
+        mask = self.masks.get(slot.key)
+        return mask is not None and mask.fits(slot.layout) and \
+            mask.positions.device == slot.weight.device
+
+    def _adopt_loaded_mask(self, slot: Slot) -> None:
+        mask = self._loaded_masks.pop(_key_str(slot.key), None)
+        if mask is not None and mask.fits(slot.layout):
+            mask.positions = mask.positions.to(slot.weight.device)
+            self.masks[slot.key] = mask
+
+    def _refresh(self, slots, plan: StepPlan, adam_state) -> dict:
+        cfg, group = self.config, self.process_group
+        k = fisher_math.num_kept(plan.num_ranked, cfg.sparsity)
+        self.masks = {}   # the old masks go before the new ones come
+        threshold = found = None
+        if k < plan.num_ranked:
+            chunks = self._score_chunks(slots, plan.use_adam_state, adam_state)
+            with _region("fsam.refresh_threshold"):
+                found = exact_topk_threshold(lambda: (scores for _, _, scores in chunks()), k, group)
+            threshold = found.value
+            with _region("fsam.refresh_mask"):
+                builders = []
+                for slot in slots:
+                    builder = MaskBuilder(slot.layout.numel, slot.weight.device)
+                    for start, end in slot.layout.always:
+                        builder.keep_range(start, end)
+                    builders.append(builder)
+                ties_left = found.num_ties_kept
+                for i, pieces, scores in chunks():
+                    keep, taken = fisher_math.mask_chunk_from_threshold(scores, found.value, ties_left)
+                    builders[i].keep_pieces(pieces, keep)
+                    ties_left -= taken
+                for slot, builder in zip(slots, builders):
+                    self.masks[slot.key] = builder.finish()
+        else:   # every ranked element is kept (SAM): dense ranges, no positions
+            for slot in slots:
+                self.masks[slot.key] = full_mask(slot.layout, slot.weight.device)
+        return {"threshold": threshold, "num_kept": k, "num_ranked": plan.num_ranked,
+                "threshold_narrowed": found.narrowed if found is not None else None,
+                "fisher_source": "exp_avg_sq" if plan.use_adam_state else "grad_sq",
+                "mask_density": (k + plan.num_always) / max(1, plan.num_ranked + plan.num_always)}
+
+    @staticmethod
+    def _score_chunks(slots, use_adam_state: bool, adam_state):
+        """A generator function over this rank's ranked Fisher scores, chunk by chunk in slot and
+        range order, as (slot index, pieces, scores): `pieces` are the (start, end) ranges whose
+        scores are concatenated in `scores`. Recomputed on every call (the threshold reads them up
+        to four times, the mask once more): squaring a gradient chunk again is cheaper than holding
+        a 4-byte score per element. A chunk gathers many ranked ranges (a ZeRO partition has ~4 per
+        transformer layer) up to CHUNK_NUMEL elements: per-range chunks made the refresh
+        launch-bound."""
+        sources = [(adam_state(s.weight)["exp_avg_sq"] if use_adam_state else s.grad).detach().reshape(-1)
+                   for s in slots]
+        windows = [(i, pieces) for i, s in enumerate(slots)
+                   for pieces in _windows(s.layout.ranked, CHUNK_NUMEL)]
+
+        def chunks():
+            for i, pieces in windows:
+                parts = [sources[i][start:end] for start, end in pieces]
+                values = parts[0] if len(parts) == 1 else torch.cat(parts)
+                yield i, pieces, (values.float() if use_adam_state else
+                                  fisher_math.fisher_scores(values))
+        return chunks
+
+    # ---- restore and the end of a step ----------------------------------------------------------
+    @torch.no_grad()
+    def restore(self, key) -> bool:
+        """Put slot `key`'s saved values back (bit-exact); False if it was not perturbed."""
+        entry = self.saved.pop(key, None)
+        if entry is None:
+            return False
+        fisher_math.restore_(entry[0], self.masks[key], entry[1])
+        return True
+
+    @torch.no_grad()
+    def restore_all(self) -> bool:
+        """Restore every slot still perturbed; True if any was (the caller republishes them)."""
+        restored = False
+        for key in list(self.saved):
+            restored |= self.restore(key)
+        return restored
+
+    def finish_step(self, base_stepped: bool) -> None:
+        """The step counts (for the schedule) only if the base optimizer stepped."""
+        assert not self.saved, "FSAM step finished with weights still perturbed"
+        if base_stepped:
+            self.num_steps += 1
+
+    def abort_step(self) -> None:
+        """After an exception mid-step, once the caller restored (or gave up on) the weights."""
+        self.saved = {}
+
+    # ---- introspection ----------------------------------------------------------------------------
+    def local_kept_ranked(self, layouts: dict) -> int:
+        """How many ranked elements of this rank's slots the current masks keep. layouts: key ->
+        ShardLayout."""
+        kept = 0
+        for key, mask in self.masks.items():
+            layout = layouts[key]
+            kept += sum(min(e, le) - max(s, ls) for s, e in mask.dense for ls, le in layout.ranked
+                        if min(e, le) > max(s, ls))
+            for s, e in layout.ranked:
+                kept += int(((mask.positions >= s) & (mask.positions < e)).sum())
+        return kept
+
+    def state_bytes(self) -> int:
+        """Bytes held on this rank between steps (mask positions; saved values while perturbed)."""
+        return sum(m.nbytes for m in self.masks.values()) + \
+            sum(v.numel() * v.element_size() for _, v in self.saved.values())
+
+    # ---- checkpoints --------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        masks = {key: m.to_state() for key, m in self._loaded_masks.items()}   # not used yet
+        masks.update({_key_str(k): m.to_state() for k, m in self.masks.items()})
+        return {"version": STATE_VERSION, "num_steps": self.num_steps,
+                "last_refresh_window": self.last_refresh_window,
+                "config": self.config.to_dict(), "masks": masks}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Masks are kept aside and checked against each slot's layout at the next step; a slot
+        whose mask does not fit (another world size or model) makes every rank refresh."""
+        if self.saved:
+            raise RuntimeError("FSAM.load_state_dict() called while the weights are perturbed")
+        self.num_steps = int(state["num_steps"])
+        self.masks = {}
+        self._loaded_masks = {}
+        if state.get("version") != STATE_VERSION:
+            # a checkpoint of fsam_ds 0.1 (masks keyed by position in param_groups, "all"/bool)
+            self.last_refresh_window = -1
+            if state.get("masks"):
+                warnings.warn("FSAM: the checkpoint's masks are in fsam_ds 0.1's format; the mask "
+                              "is recomputed at the next step.")
+            return
+        self.last_refresh_window = int(state["last_refresh_window"])
+        for key, mask_state in state.get("masks", {}).items():
+            self._loaded_masks[key] = ShardMask.from_state(mask_state, "cpu")
+
+    def forget_masks(self, reason: str) -> None:
+        """The next step recomputes the masks (on every rank: the plan carries the decision)."""
+        warnings.warn(f"FSAM: {reason}; the mask is recomputed at the next step.")
+        self.masks, self._loaded_masks = {}, {}
+
+
+def _windows(ranges, limit: int):
+    """Group sorted (start, end) ranges, in order, into lists holding at most `limit` elements in
+    all, splitting ranges longer than that."""
+    window, size = [], 0
+    for start, end in ranges:
+        while start < end:
+            take = min(end - start, limit - size)
+            window.append((start, start + take))
+            size += take
+            start += take
+            if size == limit:
+                yield window
+                window, size = [], 0
+    if window:
+        yield window
