@@ -74,12 +74,12 @@ def micro_batches(batch, rank, world_size):
     return list(zip(t, y))
 
 
-def ds_config(stage, world_size, fsam=None, dtype="fp32", offload=False, optimizer=True):
+def ds_config(stage, world_size, fsam=None, dtype="fp32", offload=False, optimizer=True, clip=None):
     config = {
         "train_batch_size": GLOBAL_BATCH,
         "train_micro_batch_size_per_gpu": GLOBAL_BATCH // world_size // GAS,
         "gradient_accumulation_steps": GAS,
-        "gradient_clipping": CLIP,
+        "gradient_clipping": CLIP if clip is None else clip,
         "scheduler": copy.deepcopy(SCHEDULER),
         "zero_optimization": {"stage": stage},
         "steps_per_print": 10 ** 9,
@@ -101,7 +101,7 @@ def ds_config(stage, world_size, fsam=None, dtype="fp32", offload=False, optimiz
         config["data_types"] = {"grad_accum_dtype": "fp32"}
     if dtype == "fp16":
         # a small start and a short window, so that the scale moves within a few steps
-        config["fp16"] = {"enabled": True, "initial_scale_power": 8, "loss_scale_window": 2,
+        config["fp16"] = {"enabled": True, "initial_scale_power": 8, "loss_scale_window": 1,
                           "hysteresis": 1, "min_loss_scale": 1}
     return config
 
@@ -124,7 +124,7 @@ def run_fsam_case(rank, world_size, case):
     import fsam_ds
     model = make_model(case.get("model", "padded"))
     config = ds_config(case["stage"], world_size, case.get("fsam"), case.get("dtype", "fp32"),
-                       case.get("offload", False))
+                       case.get("offload", False), clip=case.get("clip"))
     if case.get("fsam") is None:   # plain DeepSpeed with the base optimizer, for rho = 0 checks
         opt = torch.optim.AdamW(param_groups(model), **ADAMW)
         del config["optimizer"]
