@@ -57,6 +57,9 @@ STEP_VARIANTS = {
     "sam": {"rho": 0.05, "sparsity": 0.0, "mask_interval": 100},
     "fsam_every_step": {"rho": 0.05, "sparsity": 0.9, "mask_interval": 1},
     "fsam_every_100": {"rho": 0.05, "sparsity": 0.9, "mask_interval": 100},
+    # interval mode: the perturbed two-pass step every 2nd / 4th step, one plain pass otherwise
+    "fsam_interval_2": {"rho": 0.05, "sparsity": 0.9, "mask_interval": 100, "sam_interval": 2},
+    "fsam_interval_4": {"rho": 0.05, "sparsity": 0.9, "mask_interval": 100, "sam_interval": 4},
 }
 
 
