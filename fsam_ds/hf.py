@@ -448,6 +448,8 @@ class FSAMTrainerMixin:
             else:
                 os.replace(staged, final)
             _fsync_dir(run_dir)
+            with contextlib.suppress(OSError):
+                os.rmdir(staging_root)   # only when empty
             rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
         self.accelerator.wait_for_everyone()

@@ -12,7 +12,7 @@ LR = 1e-2
 WEIGHT_DECAY = 0.01
 PER_DEVICE = 2
 FSAM = {"rho": 0.05, "sparsity": 0.5, "mask_interval": 3}
-STEPS = 6
+STEPS = 4
 
 
 # ----------------------------------------------------------------------------- models and data
@@ -83,8 +83,6 @@ def trainer_ds_config(stage, fsam_style="block", bf16=False, scheduler=True):
                                           "warmup_num_steps": "auto", "total_num_steps": "auto"}}
     if stage == 3:
         config["zero_optimization"].update(stage3_param_persistence_threshold=0, sub_group_size=100)
-    if bf16:
-        config["bf16"] = {"enabled": "auto"}
     return config
 
 
@@ -162,10 +160,14 @@ def recording(trainer_cls):
 
 def fsam_trainer(out, stage, gas, fsam_style="block", train_n=None, bf16=False, scheduler=True,
                  recorder=None, **arg_overrides):
-    from fsam_ds.hf import FSAMTrainer
+    from fsam_ds.hf import FSAMTrainer, repair_cpu_deepspeed_state
     model = tiny_bert()
-    args = training_args(out, gas, trainer_ds_config(stage, fsam_style, bf16, scheduler),
-                         bf16=bf16, **arg_overrides)
+    args = training_args(out, gas, trainer_ds_config(stage, fsam_style, bf16, scheduler), **arg_overrides)
+    if bf16:
+        # TrainingArguments refuses bf16=True on a machine without GPUs (it wants use_cpu, which
+        # turns DeepSpeed off): enable DeepSpeed's bf16 as bf16=True would on a GPU.
+        repair_cpu_deepspeed_state(args)
+        args.hf_deepspeed_config.config["bf16"] = {"enabled": True}
     cls = recording(FSAMTrainer)
     trainer = cls(model=model, args=args, train_dataset=classification_data(train_n or 64),
                   callbacks=[recorder.callback] if recorder else None)
@@ -190,8 +192,8 @@ def reference_weights(stage, gas, world_size, recorded, bf16=False):
 # ----------------------------------------------------------------------------- per-rank jobs
 def run_equality_cases(rank, world_size, root):
     """FSAMTrainer at ZeRO-2/3 x accumulation 1/2 (plus bf16) against a plain train_step loop;
-    checkpoints every 2 steps (mask_interval 3: checkpoint-4 lies between refreshes), then a
-    resume from checkpoint-4 against the uninterrupted run."""
+    checkpoints every 2 steps (mask_interval 3: checkpoint-2 lies between refreshes), then a
+    resume from checkpoint-2 against the uninterrupted run."""
     out = {}
     cases = [(2, 1, "block", False), (2, 2, "block", False), (3, 1, "type", False),
              (3, 2, "block", False), (2, 2, "type", True)]
@@ -213,7 +215,7 @@ def run_equality_cases(rank, world_size, root):
                 "masks": len(trainer.fsam_optimizer._masks), "weights": weights}
         if save:
             resumed = fsam_trainer(os.path.join(root, name), stage, gas, style, **save)
-            resumed.train(resume_from_checkpoint=os.path.join(root, name, "checkpoint-4"))
+            resumed.train(resume_from_checkpoint=os.path.join(root, name, "checkpoint-2"))
             case["resume_diff"] = max_diff(gathered(resumed.deepspeed), weights)
             case["resume_num_steps"] = resumed.fsam_optimizer.num_steps
             case["checkpoints"] = sorted(os.listdir(os.path.join(root, name)))
@@ -390,6 +392,7 @@ def run_all(rank, world_size, root):
 # ----------------------------------------------------------------------------- kill mid-checkpoint
 def run_killed_during_checkpoint(rank, world_size, out):
     """Checkpoints every 2 steps; every rank SIGKILLs itself in the middle of writing checkpoint-4
+    (the last step)
     (after DeepSpeed wrote the optimizer shards, before the Trainer state and RNG files)."""
     from fsam_ds.hf import FSAMTrainer
 
