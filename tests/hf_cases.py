@@ -114,7 +114,15 @@ def training_args(out, gas, ds_config, **overrides):
                   save_strategy="no", seed=0, disable_tqdm=True, dataloader_pin_memory=False,
                   average_tokens_across_devices=False)
     kwargs.update(overrides)
-    return TrainingArguments(**kwargs)
+    return cpu_ready(TrainingArguments(**kwargs))
+
+
+def cpu_ready(args):
+    """What a GPU run gets without help: a DeepSpeed state over all ranks (FSAMTrainer does this
+    itself; the plain Trainer / SFTTrainer baselines need it on CPU)."""
+    from fsam_ds.hf import repair_cpu_deepspeed_state
+    repair_cpu_deepspeed_state(args)
+    return args
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -160,13 +168,12 @@ def recording(trainer_cls):
 
 def fsam_trainer(out, stage, gas, fsam_style="block", train_n=None, bf16=False, scheduler=True,
                  recorder=None, **arg_overrides):
-    from fsam_ds.hf import FSAMTrainer, repair_cpu_deepspeed_state
+    from fsam_ds.hf import FSAMTrainer
     model = tiny_bert()
     args = training_args(out, gas, trainer_ds_config(stage, fsam_style, bf16, scheduler), **arg_overrides)
     if bf16:
         # TrainingArguments refuses bf16=True on a machine without GPUs (it wants use_cpu, which
         # turns DeepSpeed off): enable DeepSpeed's bf16 as bf16=True would on a GPU.
-        repair_cpu_deepspeed_state(args)
         args.hf_deepspeed_config.config["bf16"] = {"enabled": True}
     cls = recording(FSAMTrainer)
     trainer = cls(model=model, args=args, train_dataset=classification_data(train_n or 64),
@@ -271,7 +278,8 @@ def run_sft(rank, world_size, root):
                              gradient_accumulation_steps=2, max_steps=3, learning_rate=LR,
                              deepspeed=config, report_to=[], logging_steps=1, save_strategy="no",
                              seed=0, disable_tqdm=True, dataloader_pin_memory=False, optim="adamw_torch",
-                             lr_scheduler_type="constant", max_length=16)
+                             lr_scheduler_type="constant", max_length=16, bf16=False)
+        cpu_ready(args)
         kwargs = {"fsam": fsam} if fsam is not None else {}
         trainer = cls(model=tiny_llama(), args=args, train_dataset=sft_data(24),
                       processing_class=tiny_tokenizer(), **kwargs)
@@ -369,9 +377,9 @@ def run_plain_trainer_fsam_type(rank, world_size, root):
     must fail at its first step, not train AdamW."""
     import fsam_ds  # noqa: F401  (registers torch.optim.FSAM, as a user's script would)
     from transformers import Trainer
-    from fsam_ds.hf import repair_cpu_deepspeed_state
-    args = training_args(os.path.join(root, "plain"), 1, trainer_ds_config(2, fsam_style="type"), max_steps=2)
-    repair_cpu_deepspeed_state(args)
+    config = trainer_ds_config(2, fsam_style="type")
+    config["zero_allow_untested_optimizer"] = True   # what DeepSpeed asks for a torch.optim type
+    args = training_args(os.path.join(root, "plain"), 1, config, max_steps=2)
     trainer = Trainer(model=tiny_bert(), args=args, train_dataset=classification_data(16))
     try:
         trainer.train()
@@ -380,8 +388,9 @@ def run_plain_trainer_fsam_type(rank, world_size, root):
     return None
 
 
-def run_all(rank, world_size, root):
-    return {"equality": run_equality_cases(rank, world_size, os.path.join(root, "eq")),
+def run_all(rank, world_size, root, killed_dir):
+    return {"resume_after_kill": run_resume_latest(rank, world_size, killed_dir),
+            "equality": run_equality_cases(rank, world_size, os.path.join(root, "eq")),
             "adamw": run_adamw_comparison(rank, world_size, os.path.join(root, "adamw")),
             "sft": run_sft(rank, world_size, os.path.join(root, "sft")),
             "accelerate": run_accelerate(rank, world_size, os.path.join(root, "acc")),

@@ -16,8 +16,15 @@ TOL = 1e-6
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
+    """First a job whose ranks are SIGKILLed while writing checkpoint-4, then the main job (every
+    comparison, and the resume of the killed job with resume_from_checkpoint=True)."""
     root = tmp_path_factory.mktemp("hf")
-    return run_ranks(hf_cases.run_all, 2, str(root), deepspeed=True, timeout=900), root
+    killed = root / "killed"
+    with pytest.raises(AssertionError, match="no result") as failure:
+        run_ranks(hf_cases.run_killed_during_checkpoint, 2, str(killed), deepspeed=True, timeout=300)
+    after_kill = sorted(os.listdir(killed))
+    results = run_ranks(hf_cases.run_all, 2, str(root), str(killed), deepspeed=True, timeout=900)
+    return results, {"after_kill": after_kill, "failure": str(failure.value)}
 
 
 @pytest.fixture(scope="module")
@@ -135,13 +142,13 @@ def test_plain_trainer_given_fsam_type_fails_at_first_step(runs):
     assert "train_step" in message, message
 
 
-def test_sigkill_during_checkpoint_write_leaves_no_torn_checkpoint(runs, tmp_path):
-    out = str(tmp_path / "killed")
-    with pytest.raises(AssertionError, match="no result"):
-        run_ranks(hf_cases.run_killed_during_checkpoint, 2, out, deepspeed=True, timeout=300)
-    names = sorted(os.listdir(out))
+def test_sigkill_during_checkpoint_write_leaves_no_torn_checkpoint(runs):
+    """Both ranks killed (SIGKILL) in the middle of writing checkpoint-4: only checkpoint-2 is
+    visible; resume_from_checkpoint=True picks it and ends bit-identical to the uninterrupted run."""
+    names = runs[1]["after_kill"]
+    assert "killed after timeout" not in runs[1]["failure"]
     assert [n for n in names if n.startswith("checkpoint-")] == ["checkpoint-2"], names
-    resumed = run_ranks(hf_cases.run_resume_latest, 2, out, deepspeed=True, timeout=300)[0]
+    resumed = runs[0][0]["resume_after_kill"]
     assert resumed["last"] == "checkpoint-2"
     uninterrupted = runs[0][0]["equality"]["z2_gas2_block"]["weights"]
     assert hf_cases.max_diff(resumed["weights"], uninterrupted) == 0.0
@@ -184,3 +191,27 @@ def test_without_deepspeed_uses_fsam_optimizer(tmp_path):
     print(f"no DeepSpeed: max diff {diff:.2e}")
     assert diff <= TOL
     assert all("fsam_sharpness" in l for l in trainer.state.log_history if "loss" in l)
+
+
+def test_example_script_under_the_deepspeed_cli(tmp_path_factory, tmp_path):
+    """launch/run_hf_finetune.py really launched by `deepspeed --num_gpus 2` (CPU ranks) with
+    ds_configs/hf_zero2_fsam.json ("auto" values): trains, checkpoints, evaluates, logs FSAM."""
+    import json
+    from launch_helpers import make_assets, run
+    assets = make_assets(tmp_path_factory)
+    out = tmp_path / "out"
+    proc = run(["deepspeed", "--num_gpus", "2", "--master_port", "29541", "launch/run_hf_finetune.py",
+                "--deepspeed", "ds_configs/hf_zero2_fsam.json",
+                "--model_name_or_path", str(assets / "tiny_bert"),
+                "--train_file", str(assets / "data" / "train.jsonl"),
+                "--validation_file", str(assets / "data" / "validation.jsonl"),
+                "--output_dir", str(out), "--do_train", "--do_eval",
+                "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2",
+                "--learning_rate", "1e-3", "--max_steps", "3", "--logging_steps", "1",
+                "--save_steps", "2", "--max_seq_length", "32", "--report_to", "none"])
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    state = json.load(open(out / "trainer_state.json"))
+    train_logs = [l for l in state["log_history"] if "loss" in l]
+    assert [l["fsam_num_steps"] for l in train_logs] == [1, 2, 3]
+    assert all(0 < l["fsam_mask_density"] < 1 for l in train_logs)
+    assert (out / "checkpoint-2" / "trainer_state.json").is_file() and (out / "eval_results.json").is_file()
