@@ -25,6 +25,7 @@ per pass), and the real losses are scaled by gradient_accumulation_steps / n.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
 import os
@@ -41,8 +42,9 @@ logger = logging.getLogger(__name__)
 
 STAGING_DIR = ".fsam_staging"   # checkpoints are written here, then renamed into place
 # the signals logged per step, all global (reduced over ranks where FSAM computes them per rank)
-_SIGNALS = ("threshold", "mask_density", "grad_norm", "perturbation_norm", "loss", "perturbed_loss",
-            "sharpness")
+# What trainers record inside compute_loss (TRL: token accuracy, entropy, token count): kept from
+# the first pass only, so the second pass (at w + e) and padding micro-batches leave no trace.
+_COMPUTE_LOSS_RECORDS = ("_metrics", "_total_train_tokens")
 
 
 # ------------------------------------------------------------------------------------ config
@@ -276,10 +278,14 @@ class FSAMTrainerMixin:
         batches, self._fsam_buffer = self._fsam_buffer, []
         model.train()
         batches = [self._prepare_inputs(b) for b in batches]
-        if self.is_deepspeed_enabled:
-            first, second, stats = self._fsam_deepspeed_step(model, batches, num_items_in_batch)
-        else:
-            first, second, stats = self._fsam_torch_step(model, batches, num_items_in_batch)
+        # this replaces the training_step of the Trainer and of subclasses (e.g. TRL's): enter the
+        # context TRL's SFT/DPO training_step adds (activation offloading), if any
+        offload = getattr(self, "maybe_activation_offload_context", None) or contextlib.nullcontext()
+        with offload:
+            if self.is_deepspeed_enabled:
+                first, second, stats = self._fsam_deepspeed_step(model, batches, num_items_in_batch)
+            else:
+                first, second, stats = self._fsam_torch_step(model, batches, num_items_in_batch)
         self._record_signals(first, second, stats)
         return first.detach().to(self.args.device)
 
@@ -298,6 +304,14 @@ class FSAMTrainerMixin:
             loss = loss.mean()
         return loss
 
+    def _snapshot_records(self) -> dict:
+        return {name: copy.deepcopy(getattr(self, name)) for name in _COMPUTE_LOSS_RECORDS
+                if hasattr(self, name)}
+
+    def _restore_records(self, saved: dict) -> None:
+        for name, value in saved.items():
+            setattr(self, name, value)
+
     def _fsam_deepspeed_step(self, engine, batches, num_items_in_batch):
         gas = engine.gradient_accumulation_steps()
         n = len(batches)
@@ -309,18 +323,25 @@ class FSAMTrainerMixin:
         # backpropagate is loss / n (per-micro-batch means) or loss (already normalized).
         factor = gas if scaled else gas / n
         reported = []   # the Trainer-convention loss of every call, first pass then second
+        first_pass_records = {}
 
         def loss_fn(eng, item):
             index, batch = item
-            loss = self._micro_batch_loss(eng, batch, num_items_in_batch)
-            if index >= n:   # padding of a short group: exact zero gradients
+            if len(reported) == gas:   # the second pass starts
+                first_pass_records.update(self._snapshot_records())
+            if index >= n:   # padding of a short group: exact zero gradients, no records
+                saved = self._snapshot_records()
+                loss = self._micro_batch_loss(eng, batch, num_items_in_batch)
+                self._restore_records(saved)
                 reported.append(None)
                 return loss * 0.0
+            loss = self._micro_batch_loss(eng, batch, num_items_in_batch)
             reported.append(loss.detach().float() if scaled else loss.detach().float() / n)
             return loss if factor == 1 else loss * factor
 
         items = [(i, batches[min(i, n - 1)]) for i in range(gas)]
         fsam_ds.train_step(engine, loss_fn, items)
+        self._restore_records(first_pass_records)
         stats = dict(engine._fsam.last_stats)
         first = torch.stack([r for r in reported[:gas] if r is not None]).sum()
         second_part = [r for r in reported[gas:] if r is not None]
@@ -348,7 +369,9 @@ class FSAMTrainerMixin:
 
         first = one_pass()
         opt.first_step(zero_grad=True)      # w -> w + e on the masked elements
+        first_pass_records = self._snapshot_records()
         second = one_pass()                 # g' at w + e; the Trainer clips it, then second_step
+        self._restore_records(first_pass_records)
         return first, second, dict(opt.last_stats)
 
     def _record_signals(self, first, second, stats):

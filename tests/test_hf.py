@@ -108,6 +108,12 @@ def test_trl_sft_trainer_mixin(runs):
     assert r["fsam_vs_sft"] > 1e-4
     assert r["sft_fsam"]["num_steps"] == 3
     assert all("fsam_sharpness" in l for l in r["sft_fsam"]["logs"])
+    # what SFTTrainer records in compute_loss comes from the first pass only
+    plain, rho0, fsam = (r[k]["logs"] for k in ("sft", "sft_rho0", "sft_fsam"))
+    assert [l["num_tokens"] for l in fsam] == [l["num_tokens"] for l in plain]
+    for a, b in zip(rho0, plain):
+        assert abs(a["mean_token_accuracy"] - b["mean_token_accuracy"]) < 1e-6
+        assert abs(a["entropy"] - b["entropy"]) < 1e-5
 
 
 @pytest.mark.parametrize("stage", [2, 3])
