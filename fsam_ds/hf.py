@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import math
 import os
 import shutil
 
@@ -41,7 +40,6 @@ from fsam_ds.optimizer import FSAM
 logger = logging.getLogger(__name__)
 
 STAGING_DIR = ".fsam_staging"   # checkpoints are written here, then renamed into place
-# the signals logged per step, all global (reduced over ranks where FSAM computes them per rank)
 # What trainers record inside compute_loss (TRL: token accuracy, entropy, token count): kept from
 # the first pass only, so the second pass (at w + e) and padding micro-batches leave no trace.
 _COMPUTE_LOSS_RECORDS = ("_metrics", "_total_train_tokens")
