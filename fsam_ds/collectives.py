@@ -3,6 +3,10 @@
 Each function takes the process group explicitly and is the identity when there is nothing to
 reduce: `group=None` means "this rank holds everything" (one process, or replicated parameters
 under DDP / ZeRO stage 0). Every function must be called on all ranks of the group.
+
+The rule for callers: no rank-local branch before a collective. Whether a collective runs (a mask
+refresh, the Adam-state score source, a skipped step) is decided on values every rank has, i.e.
+all-reduced ones: FSAMCore folds every such rank-local fact into its one step-plan all-reduce.
 """
 from __future__ import annotations
 

@@ -371,6 +371,12 @@ def _single_group(groups):
     return next(iter(unique.values()))
 
 
+def engine_config_dict(engine) -> dict:
+    """The config dict the engine was built from (DeepSpeedConfig keeps it as _param_dict)."""
+    config = getattr(getattr(engine, "_config", None), "_param_dict", None)
+    return config if isinstance(config, dict) else {}
+
+
 def engine_client_optimizer(engine):
     """The client optimizer DeepSpeed wraps (or the engine's optimizer itself at stage 0 fp32)."""
     opt = engine.optimizer

@@ -126,6 +126,12 @@ def register_with_deepspeed() -> None:
 
 
 def _before_optimizer_built(engine, client_optimizer) -> None:
+    raw = deepspeed_adapter.engine_config_dict(engine)
+    if "fsam" in raw and not isinstance(client_optimizer, FSAMDeepSpeedClient):
+        raise deepspeed_adapter.UnsupportedDeepSpeedSetup(
+            'The DeepSpeed config has an "fsam" block, which plain deepspeed.initialize ignores (it '
+            "would train the base optimizer alone). Build the engine with fsam_ds.initialize(model, "
+            'config), use fsam_ds.hf.FSAMTrainer, or name the optimizer {"type": "FSAM", ...}.')
     if isinstance(client_optimizer, FSAM):
         raise deepspeed_adapter.UnsupportedDeepSpeedSetup(
             "fsam_ds.FSAM is the pure-PyTorch optimizer and cannot be DeepSpeed's client "

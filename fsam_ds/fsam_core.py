@@ -65,6 +65,7 @@ class FSAMCore:
         self.num_steps = 0                 # t: completed optimizer steps (the base optimizer stepped)
         self.last_refresh_window = -1      # t // mask_interval at the last refresh
         self.masks: dict = {}              # key -> ShardMask
+        self.mask_layouts: dict = {}       # key -> the ShardLayout its mask was built for
         self.saved: dict = {}              # key -> (weight, original values at the mask)
         self.last_stats: dict = {}
         self._loaded_masks: dict = {}      # key str -> ShardMask from a checkpoint, checked at use
@@ -144,20 +145,23 @@ class FSAMCore:
         return plan
 
     def _mask_usable(self, slot: Slot) -> bool:
-        mask = self.masks.get(slot.key)
-        return mask is not None and mask.fits(slot.layout) and \
-            mask.positions.device == slot.weight.device
+        """A mask fits when it was built (or, after a load, checked) for this very layout: no
+        per-step scan of the positions, which would cost a host sync per slot."""
+        layout = self.mask_layouts.get(slot.key)
+        return slot.key in self.masks and (layout is slot.layout or layout == slot.layout)
 
     def _adopt_loaded_mask(self, slot: Slot) -> None:
         mask = self._loaded_masks.pop(_key_str(slot.key), None)
         if mask is not None and mask.fits(slot.layout):
             mask.positions = mask.positions.to(slot.weight.device)
             self.masks[slot.key] = mask
+            self.mask_layouts[slot.key] = slot.layout
 
     def _refresh(self, slots, plan: StepPlan, adam_state) -> dict:
         cfg, group = self.config, self.process_group
         k = fisher_math.num_kept(plan.num_ranked, cfg.sparsity)
         self.masks = {}   # the old masks go before the new ones come
+        self.mask_layouts = {s.key: s.layout for s in slots}
         threshold = found = None
         if k < plan.num_ranked:
             chunks = self._score_chunks(slots, plan.use_adam_state, adam_state)
@@ -268,7 +272,7 @@ class FSAMCore:
         if self.saved:
             raise RuntimeError("FSAM.load_state_dict() called while the weights are perturbed")
         self.num_steps = int(state["num_steps"])
-        self.masks = {}
+        self.masks, self.mask_layouts = {}, {}
         self._loaded_masks = {}
         if state.get("version") != STATE_VERSION:
             # a checkpoint of fsam_ds 0.1 (masks keyed by position in param_groups, "all"/bool)
@@ -284,7 +288,7 @@ class FSAMCore:
     def forget_masks(self, reason: str) -> None:
         """The next step recomputes the masks (on every rank: the plan carries the decision)."""
         warnings.warn(f"FSAM: {reason}; the mask is recomputed at the next step.")
-        self.masks, self._loaded_masks = {}, {}
+        self.masks, self.mask_layouts, self._loaded_masks = {}, {}, {}
 
 
 def _windows(ranges, limit: int):

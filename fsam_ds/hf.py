@@ -98,7 +98,7 @@ def _make_fsam(groups, base_cls, base_kwargs, fsam_config: FSAMConfig, for_deeps
     try:
         if for_deepspeed:
             # the optimizer class DeepSpeed itself builds for {"type": "FSAM"}: names come from the
-            # engine at attach time, and DeepSpeed's set-up steps are allowed until train_step attaches
+            # engine at attach time; DeepSpeed's set-up steps are allowed until the engine exists
             return torch.optim.FSAM(groups, base_optimizer=base_cls, **settings, **base_kwargs)
         return _TrainerFSAM(groups, base_cls, **settings, **base_kwargs)
     except TypeError as err:
@@ -536,8 +536,7 @@ def prepare_with_fsam(accelerator, model, *objects, fsam: dict | FSAMConfig | No
     base_kwargs = dict(base_kwargs)
     groups = decay_parameter_groups(model, base_kwargs.pop("weight_decay", 0.0))
     optimizer = _make_fsam(groups, base_cls, base_kwargs, fsam_config, for_deepspeed=True)
-    prepared = accelerator.prepare(model, optimizer, *objects)
-    # DeepSpeed's set-up is done: from here on only train_step may step FSAM (a plain
-    # accelerator.backward() -> engine.step() raises instead of taking a base-optimizer step)
-    optimizer.allow_base_steps = False
-    return prepared
+    # DeepSpeed's engine hook (fsam_ds.deepspeed_client) ends FSAM's set-up phase once the engine
+    # exists: a plain accelerator.backward() -> engine.step() then raises instead of taking a
+    # base-optimizer step
+    return accelerator.prepare(model, optimizer, *objects)

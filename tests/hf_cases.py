@@ -219,7 +219,7 @@ def run_equality_cases(rank, world_size, root):
                 "engine_global_steps": engine.global_steps,
                 "scheduler_steps": engine.lr_scheduler.last_batch_iteration + 1,
                 "logs": [l for l in recorder.logs if "loss" in l],
-                "masks": len(trainer.fsam_optimizer._masks), "weights": weights}
+                "masks": len(trainer.fsam_optimizer.core.masks), "weights": weights}
         if save:
             resumed = fsam_trainer(os.path.join(root, name), stage, gas, style, **save)
             resumed.train(resume_from_checkpoint=os.path.join(root, name, "checkpoint-2"))
@@ -388,6 +388,19 @@ def run_plain_trainer_fsam_type(rank, world_size, root):
     return None
 
 
+def run_plain_trainer_fsam_block(rank, world_size, root):
+    """A plain transformers.Trainer given an AdamW block plus an "fsam" block: DeepSpeed itself
+    would ignore the block; fsam_ds refuses the engine instead of training AdamW."""
+    import fsam_ds  # noqa: F401
+    from transformers import Trainer
+    args = training_args(os.path.join(root, "plain_block"), 1, trainer_ds_config(2), max_steps=2)
+    try:
+        Trainer(model=tiny_bert(), args=args, train_dataset=classification_data(16)).train()
+    except Exception as err:   # noqa: BLE001
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
 def run_all(rank, world_size, root, killed_dir):
     return {"resume_after_kill": run_resume_latest(rank, world_size, killed_dir),
             "equality": run_equality_cases(rank, world_size, os.path.join(root, "eq")),
@@ -395,7 +408,8 @@ def run_all(rank, world_size, root, killed_dir):
             "sft": run_sft(rank, world_size, os.path.join(root, "sft")),
             "accelerate": run_accelerate(rank, world_size, os.path.join(root, "acc")),
             "errors": run_errors(rank, world_size, os.path.join(root, "err")),
-            "plain_fsam_type": run_plain_trainer_fsam_type(rank, world_size, os.path.join(root, "plain"))}
+            "plain_fsam_type": run_plain_trainer_fsam_type(rank, world_size, os.path.join(root, "plain")),
+            "plain_fsam_block": run_plain_trainer_fsam_block(rank, world_size, os.path.join(root, "plain"))}
 
 
 # ----------------------------------------------------------------------------- kill mid-checkpoint

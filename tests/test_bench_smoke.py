@@ -18,7 +18,7 @@ import pytest
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH_DIR = os.path.join(REPO_ROOT, "bench")
 SCRIPT_TIMEOUT_S = 300
-STEP_VARIANTS = ["adamw", "sam", "fsam_every_step", "fsam_every_100"]
+STEP_VARIANTS = ["adamw", "sam", "fsam_every_step", "fsam_every_100", "fsam_interval_2", "fsam_interval_4"]
 SHM_BUFFERS = "/dev/shm/deepspeed_allreduce_buffer_*"
 
 
@@ -65,7 +65,8 @@ def check_step_variants(result: dict, timed_steps: int):
     assert result["variants"]["fsam_every_100"]["refresh_steps"] == [0]
     assert result["variants"]["fsam_every_step"]["refresh_steps"] == list(range(total_steps))
     assert 0 < result["variants"]["fsam_every_step"]["fsam_last_stats"]["mask_density"] < 1
-    assert {"sam/adamw", "fsam_every_step/sam", "fsam_every_100/sam"} <= set(result["ratios"])
+    assert {"sam/adamw", "fsam_every_step/sam", "fsam_every_100/sam", "fsam_interval_2/adamw",
+            "fsam_interval_4/adamw"} <= set(result["ratios"])
     assert all(r > 0 for r in result["ratios"].values())
 
 

@@ -142,10 +142,14 @@ def test_errors_name_the_setting(runs, name, expected):
 
 def test_plain_trainer_given_fsam_type_fails_at_first_step(runs):
     message = runs[0][0]["plain_fsam_type"]
-    if message is None:
-        pytest.xfail("core v1: torch.optim.FSAM takes base steps until train_step attaches; the core "
-                     "v2 guard (engine.step() on an FSAM engine raises) makes this pass")
+    assert message is not None, "a plain Trainer with the FSAM type trained without an error"
     assert "train_step" in message, message
+
+
+def test_plain_trainer_given_an_fsam_block_is_refused(runs):
+    message = runs[0][0]["plain_fsam_block"]
+    assert message is not None, "a plain Trainer with an fsam block trained AdamW silently"
+    assert '"fsam" block' in message and "fsam_ds.initialize" in message, message
 
 
 def test_sigkill_during_checkpoint_write_leaves_no_torn_checkpoint(runs):
