@@ -35,7 +35,10 @@ import torch.distributed as dist
 
 import fsam_ds
 from fsam_ds.config import FSAMConfig
+from fsam_ds.deepspeed_client import FSAMDeepSpeedClient
 from fsam_ds.optimizer import FSAM
+
+_FSAM_OPTIMIZERS = (FSAM, FSAMDeepSpeedClient)
 
 logger = logging.getLogger(__name__)
 
@@ -186,7 +189,7 @@ class FSAMTrainerMixin:
         self._fsam_window: dict = {}    # signal -> list of per-step values since the last log
         self._fsam_last_grad_norm = None
         optimizers = kwargs.get("optimizers", (None, None))
-        if optimizers and optimizers[0] is not None and not isinstance(optimizers[0], FSAM):
+        if optimizers and optimizers[0] is not None and not isinstance(optimizers[0], _FSAM_OPTIMIZERS):
             raise ValueError(f"{type(self).__name__} got optimizers=({type(optimizers[0]).__name__}, "
                              "...): it builds FSAM itself; drop `optimizers` (or pass an fsam_ds.FSAM "
                              "when not using DeepSpeed)")
@@ -240,7 +243,7 @@ class FSAMTrainerMixin:
 
     def create_optimizer(self, model=None):
         if self.optimizer is not None:
-            if not isinstance(self.optimizer, FSAM):
+            if not isinstance(self.optimizer, _FSAM_OPTIMIZERS):
                 raise ValueError(f"{type(self).__name__} needs an FSAM optimizer, got "
                                  f"{type(self.optimizer).__name__}")
             return self.optimizer
@@ -252,7 +255,7 @@ class FSAMTrainerMixin:
             else:
                 base_cls, base_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
             if not (isinstance(base_cls, type) and issubclass(base_cls, torch.optim.Optimizer)) \
-                    or issubclass(base_cls, FSAM):
+                    or getattr(base_cls, "_is_fsam", False):
                 raise ValueError(f"TrainingArguments optim={self.args.optim!r} gives "
                                  f"{getattr(base_cls, '__name__', base_cls)}, which FSAM cannot wrap; "
                                  'use a torch.optim optimizer such as optim="adamw_torch"')
@@ -348,7 +351,7 @@ class FSAMTrainerMixin:
 
     def _fsam_torch_step(self, model, batches, num_items_in_batch):
         opt = self.optimizer
-        while not isinstance(opt, FSAM) and hasattr(opt, "optimizer"):
+        while not isinstance(opt, _FSAM_OPTIMIZERS) and hasattr(opt, "optimizer"):
             opt = opt.optimizer   # AcceleratedOptimizer -> FSAM
         scaled = self._loss_is_scaled_for_ga(num_items_in_batch)
         n = len(batches)
@@ -413,7 +416,7 @@ class FSAMTrainerMixin:
         if engine is not None and getattr(engine, "_fsam", None) is not None:
             return engine._fsam
         opt = self.optimizer
-        while opt is not None and not isinstance(opt, FSAM):
+        while opt is not None and not isinstance(opt, _FSAM_OPTIMIZERS):
             opt = getattr(opt, "optimizer", None)
         return opt
 
