@@ -290,8 +290,9 @@ def _plain_step(engine, client, loss_fn, micro_batches, loss_group) -> float:
     client.core.finish_step(base_stepped=not skipped)
     client.view.link_optimizer_state()
     first, = _group_mean([losses], loss_group)
+    norm = engine.get_global_grad_norm()
     client.core.last_stats = {"loss": first, "skipped": skipped, "perturbed": False,
-                              "grad_norm": engine.get_global_grad_norm()}
+                              "grad_norm": None if norm is None else float(norm)}
     return first
 
 
