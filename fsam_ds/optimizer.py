@@ -95,6 +95,11 @@ class BaseOptimizerFacade(torch.optim.Optimizer):
     def state_bytes(self) -> int:
         return self.core.state_bytes()
 
+    def invalidate_masks(self, reason: str) -> None:
+        """Recompute the mask at the next step (with a warning naming `reason`). Safe to call on
+        some ranks only: the step plan makes every rank refresh."""
+        self.core.forget_masks(reason)
+
 
 class FSAM(BaseOptimizerFacade):
     """Fisher SAM (Zhong et al., 2022) around `base_optimizer`.
