@@ -217,6 +217,7 @@ def train_step(engine, loss_fn, micro_batches) -> float:
         raise ValueError(f"train_step got {len(micro_batches)} micro-batches but the config's "
                          f"gradient_accumulation_steps is {gas}; pass one global batch's micro-batches")
     loss_group = view.data_parallel_group()
+    micro_steps_after = engine.micro_steps + gas   # where a completed (or abandoned) step ends
     if not core.perturbs_this_step():
         return _plain_step(engine, client, loss_fn, micro_batches, loss_group)
 
@@ -259,7 +260,7 @@ def train_step(engine, loss_fn, micro_batches) -> float:
                 second_losses.append(loss)
                 engine.step()
     except BaseException:
-        _abandon_step(engine, view, client)
+        _abandon_step(engine, view, client, micro_steps_after)
         raise
     # an overflow in the second pass makes the wrapper skip our step(): undo e here
     if core.restore_all():
@@ -296,12 +297,15 @@ def _plain_step(engine, client, loss_fn, micro_batches, loss_group) -> float:
     return first
 
 
-def _abandon_step(engine, view, client) -> None:
-    """An exception mid-step: put the unperturbed weights back so no training state is lost."""
+def _abandon_step(engine, view, client, micro_steps_after: int) -> None:
+    """An exception mid-step: put the unperturbed weights back so no training state is lost, drop
+    the step's gradients, and end its micro-steps where a skipped step would, so that the next
+    step's accumulation boundaries fall where they should."""
     try:
         if client.core.restore_all():
             view.publish_master_weights()
         engine.optimizer.zero_grad()
+        engine.micro_steps = micro_steps_after
     finally:
         client.take_captured()
         client.core.abort_step()
