@@ -219,7 +219,7 @@ def train_step(engine, loss_fn, micro_batches) -> float:
     loss_group = view.data_parallel_group()
     micro_steps_after = engine.micro_steps + gas   # where a completed (or abandoned) step ends
     if not core.perturbs_this_step():
-        return _plain_step(engine, client, loss_fn, micro_batches, loss_group)
+        return _plain_step(engine, client, loss_fn, micro_batches, loss_group, micro_steps_after)
 
     # 1. first pass at w: the wrapper reduces, clips and hands FSAM the gradients (captured only)
     first_losses = []
@@ -274,7 +274,7 @@ def train_step(engine, loss_fn, micro_batches) -> float:
     return first
 
 
-def _plain_step(engine, client, loss_fn, micro_batches, loss_group) -> float:
+def _plain_step(engine, client, loss_fn, micro_batches, loss_group, micro_steps_after) -> float:
     """One pass and one base-optimizer step through the engine, as plain DeepSpeed training."""
     losses = []
     try:
@@ -286,6 +286,7 @@ def _plain_step(engine, client, loss_fn, micro_batches, loss_group) -> float:
                 engine.step()
     except BaseException:
         engine.optimizer.zero_grad()
+        engine.micro_steps = micro_steps_after
         raise
     skipped = bool(getattr(engine.optimizer, "overflow", False))
     client.core.finish_step(base_stepped=not skipped)
