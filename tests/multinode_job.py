@@ -24,8 +24,11 @@ import socket
 import sys
 import time
 import traceback
+import warnings
 
 import torch
+
+warnings.filterwarnings("ignore", category=FutureWarning)   # torch's deprecation notes, per collective
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import zero_cases as zc  # noqa: E402
@@ -118,13 +121,17 @@ def main():
     args = parse_args()
     import deepspeed
     import torch.distributed as dist
+    # without RANK etc. (deepspeed --launcher slurm) DeepSpeed discovers them through MPI, with
+    # MASTER_PORT = distributed_port
     deepspeed.init_distributed(dist_backend="gloo", verbose=False,
+                               distributed_port=int(os.environ.get("MASTER_PORT", 29500)),
                                timeout=datetime.timedelta(seconds=args.timeout_s))
     rank, world_size = dist.get_rank(), dist.get_world_size()
     seen = {"rank": rank, "world_size": world_size, "local_rank": int(os.environ["LOCAL_RANK"]),
             "host": socket.gethostname(), "pid": os.getpid(),
             **{k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT", "SLURM_NODEID", "SLURM_PROCID",
-                                              "GROUP_RANK", "SLURM_JOB_NODELIST", "CUDA_VISIBLE_DEVICES")}}
+                                              "GROUP_RANK", "SLURM_JOB_NODELIST", "SLURM_GPUS_ON_NODE",
+                                              "SLURM_LOCALID")}}
     everyone = [None] * world_size
     dist.all_gather_object(everyone, seen)
     os.makedirs(args.out, exist_ok=True)

@@ -140,6 +140,7 @@ SlurmctldPort={ctld_port}
 SlurmdPort={slurmd_port}
 {nodes}
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+GresTypes=gpu
 """
 
 
@@ -219,8 +220,8 @@ def clean_stale():
 
 
 def tempfile_prefix():
-    import tempfile
-    return os.path.join(tempfile.gettempdir(), f"{PREFIX}_cluster_")
+    # not under /tmp: each node mounts its own /tmp, and everything here is the nodes' shared disk
+    return f"/var/tmp/{PREFIX}_cluster_"
 
 
 class TwoNodeCluster:
@@ -229,11 +230,11 @@ class TwoNodeCluster:
     leftovers. `env` carries SLURM_CONF for sbatch/srun/scontrol; `on(node, cmd)` prefixes a
     command so that it runs on that node."""
 
-    def __init__(self, num_nodes=2, cpus_per_node=2, slurmd_timeout=10):
+    def __init__(self, num_nodes=2, cpus_per_node=2, gpus_per_node=2, slurmd_timeout=10):
         self.names = [f"node{i}" for i in range(1, num_nodes + 1)]
-        self.cpus = cpus_per_node
+        self.cpus, self.gpus = cpus_per_node, gpus_per_node
         self.slurmd_timeout = slurmd_timeout
-        self.root = None
+        self.root = self.shared = None   # shared: a directory every node sees (job outputs)
         self.env = None
         self.holders = {}     # node -> holder pid (its UTS+mount namespaces)
         self.daemons = {}     # "munged", "slurmctld", "slurmd.nodeN" -> Popen
@@ -270,7 +271,9 @@ class TwoNodeCluster:
             raise RuntimeError(f"another test run holds the two-node cluster ({LOCK})") from None
         atexit.register(self.stop)
         clean_stale()
-        self.root = tempfile.mkdtemp(prefix=os.path.basename(tempfile_prefix()))
+        os.makedirs(os.path.dirname(tempfile_prefix()), exist_ok=True)
+        self.root = tempfile.mkdtemp(prefix=os.path.basename(tempfile_prefix()), dir=os.path.dirname(tempfile_prefix()))
+        self.shared = os.path.join(self.root, "shared")
         os.chmod(self.root, 0o755)
         try:
             self._network()
@@ -289,6 +292,10 @@ class TwoNodeCluster:
         _sh("ip", "link", "add", BRIDGE, "type", "bridge")
         _sh("ip", "addr", "add", f"{SUBNET}.254/24", "dev", BRIDGE)
         _sh("ip", "link", "set", BRIDGE, "up")
+        for node in self.names:   # each node its own /tmp (Slurm's PMIx, torch and DeepSpeed use it)
+            os.makedirs(f"{self.root}/tmp/{node}")
+            os.chmod(f"{self.root}/tmp/{node}", 0o1777)
+        os.makedirs(self.shared)
         hosts = os.path.join(self.root, "hosts")
         with open(hosts, "w") as f:
             f.write(f"127.0.0.1 localhost\n{SUBNET}.254 {self.ctl_host()}\n")
@@ -305,7 +312,8 @@ class TwoNodeCluster:
                 _sh("ip", "-n", ns, *cmd)
             holder = subprocess.Popen(
                 ["nsenter", f"--net=/run/netns/{ns}", "unshare", "--uts", "--mount", "--propagation", "private",
-                 "sh", "-c", f"hostname {node} && mount --bind {hosts} /etc/hosts && exec sleep infinity"],
+                 "sh", "-c", f"hostname {node} && mount --bind {hosts} /etc/hosts && "
+                             f"mount --bind {self.root}/tmp/{node} /tmp && exec sleep infinity"],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             self.holders[node] = holder.pid
             self.daemons[f"holder.{node}"] = holder
@@ -339,8 +347,17 @@ class TwoNodeCluster:
     def _slurm(self):
         for d in ("state", "log", *(f"spool/{n}" for n in self.names)):
             os.makedirs(os.path.join(self.root, d), exist_ok=True)
+        # stand-in GPUs (empty files) so that --gpus-per-node and CUDA_VISIBLE_DEVICES work as on
+        # a GPU cluster; the ranks still compute on the CPU
+        os.makedirs(os.path.join(self.root, "dev"))
+        for i in range(self.gpus):
+            open(os.path.join(self.root, "dev", f"fakegpu{i}"), "w").close()
+        with open(os.path.join(self.root, "gres.conf"), "w") as f:
+            if self.gpus:
+                f.write(f"Name=gpu File={self.root}/dev/fakegpu[0-{self.gpus - 1}]\n")
+        gres = f" Gres=gpu:{self.gpus}" if self.gpus else ""
         nodes = "\n".join(f"NodeName={n} NodeAddr={self.addr(n)} NodeHostname={n} CPUs={self.cpus} "
-                          f"RealMemory=2000 State=UNKNOWN" for n in self.names)
+                          f"RealMemory=2000{gres} State=UNKNOWN" for n in self.names)
         conf = os.path.join(self.root, "slurm.conf")
         with open(conf, "w") as f:
             f.write(MULTI_SLURM_CONF.format(ctl_host=self.ctl_host(), subnet=SUBNET, root=self.root,
