@@ -49,6 +49,11 @@ def parse_args():
     return p.parse_args()
 
 
+def trace(msg):
+    if os.environ.get("FSAM_JOB_TRACE"):
+        print(f"[trace rank {os.environ.get('RANK')}] {msg}", file=sys.stderr, flush=True)
+
+
 def describe_peer(text):
     """Name the node behind every IPv4 address in an error message (the private hosts file knows)."""
     names = {}
@@ -76,6 +81,7 @@ def train(stage, args, rank, world_size):
     import torch.distributed as dist
     out = os.path.join(args.out, f"z{stage}")
     ckpt = os.path.join(out, "checkpoints")
+    os.makedirs(out, exist_ok=True)
     config = zc.ds_config(stage, world_size, FSAM)
     if args.load_tag and args.load_tag.endswith("_universal"):
         config["checkpoint"] = {"load_universal": True}
@@ -112,9 +118,11 @@ def train(stage, args, rank, world_size):
               "global_steps": engine.global_steps, "fsam_num_steps": engine._fsam.num_steps}
     if rank == 0:
         torch.save(result, os.path.join(out, "final.pt"))
+    trace(f"z{stage} saved final")
     dist.barrier()
     if hasattr(engine, "destroy"):
         engine.destroy()
+    trace(f"z{stage} destroyed engine")
 
 
 def main():
@@ -148,7 +156,16 @@ def main():
               + (f" [{peers}]" if peers else ""), file=sys.stderr, flush=True)
         traceback.print_exc()
         sys.exit(1)
+    trace("destroying process group")
     dist.destroy_process_group()
+    trace("exiting")
+    # Everything is written and the group is gone. Skip the interpreter's teardown: on this machine
+    # it sometimes aborts ("terminate called without an active exception", a C++ thread of torch's
+    # or DeepSpeed's CPU comm op destroyed while joinable; seen in about 1 run in 5), which would
+    # turn a finished job into a failed one.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
