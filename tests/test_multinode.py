@@ -67,7 +67,7 @@ def cluster():
 
 def job_env(cluster, **extra):
     env = dict(cluster.env, **{k: ENV[k] for k in ("DS_ACCELERATOR", "HF_HUB_OFFLINE", "PYTHONUNBUFFERED")},
-               FSAM_VENV=os.path.dirname(os.path.dirname(sys.executable)), PYTHONWARNINGS="ignore",
+               FSAM_VENV=os.path.dirname(os.path.dirname(sys.executable)),
                MASTER_PORT=str(next(_PORTS)),
                # DeepSpeed JIT-builds its CPU comm op into TORCH_EXTENSIONS_DIR (default ~/.cache,
                # shared by every venv on the machine: each venv's build replaces the others')
@@ -80,35 +80,49 @@ def job_env(cluster, **extra):
     return env
 
 
+FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "NODE_FAIL", "TIMEOUT", "OUT_OF_MEMORY", "BOOT_FAIL",
+                "DEADLINE", "PREEMPTED"}
+
+
 class Job:
-    """sbatch --wait in the background; .wait() returns (returncode, wall seconds, log text)."""
+    """An sbatch submission, polled with scontrol (sbatch --wait polls every few seconds, which
+    would hide the times measured here). .wait() returns (exit code, wall seconds, log text)."""
 
     def __init__(self, cluster, name, sbatch_args, program, env=None):
         self.cluster, self.name = cluster, name
         self.log = os.path.join(cluster.shared, f"{name}.out")
-        cmd = ["sbatch", "--wait", "-J", name, "-o", self.log, *sbatch_args, *program]
+        cmd = ["sbatch", "--parsable", "-J", name, "-o", self.log, *sbatch_args, *program]
         self.started = time.time()
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env or job_env(cluster), stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True)
-        line = self.proc.stdout.readline()          # "Submitted batch job N", then sbatch waits
-        match = re.search(r"(\d+)", line)
-        self.id = match.group(1) if match else None
+        proc = subprocess.run(cmd, cwd=REPO, env=env or job_env(cluster), capture_output=True, text=True,
+                              timeout=60)
+        assert proc.returncode == 0, f"sbatch: {proc.stderr}"
+        self.id = proc.stdout.strip().split(";")[0]
+        self.final = None
+
+    def poll(self):
+        """None while the job runs, else its final scontrol record."""
+        if self.final is None:
+            state = self.state()
+            if state.get("JobState") in FINAL_STATES:
+                self.final, self.wall = state, time.time() - self.started
+        return self.final
 
     def wait(self, timeout=240):
-        try:
-            out, err = self.proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            subprocess.run(["scancel", str(self.id)], env=self.cluster.env)
-            out, err = self.proc.communicate(timeout=30)
-            raise AssertionError(f"job {self.name} still running after {timeout}s:\n{self.text()[-4000:]}")
-        self.wall = time.time() - self.started
-        return self.proc.returncode, self.wall, f"{out}{err}\n{self.text()}"
+        deadline = time.time() + timeout
+        while self.poll() is None:
+            if time.time() > deadline:
+                subprocess.run(["scancel", self.id], env=self.cluster.env)
+                raise AssertionError(f"job {self.name} still running after {timeout}s:\n{self.text()[-4000:]}")
+            time.sleep(0.1)
+        code, sig = (int(x) for x in self.final.get("ExitCode", "1:0").split(":"))
+        rc = 0 if self.final["JobState"] == "COMPLETED" else (code or 128 + sig or 1)
+        return rc, self.wall, f"{self.final}\n{self.text()}"
 
     def text(self):
         return open(self.log).read() if os.path.exists(self.log) else ""
 
     def state(self):
-        out = subprocess.run(["scontrol", "show", "job", "-o", str(self.id)], env=self.cluster.env,
+        out = subprocess.run(["scontrol", "show", "job", "-o", self.id], env=self.cluster.env,
                              capture_output=True, text=True).stdout
         return dict(re.findall(r"(\w+)=(\S+)", out))
 
@@ -256,7 +270,7 @@ def wait_for_file(path, job, timeout=120):
     while time.time() < deadline:
         if os.path.exists(path):
             return
-        assert job.proc.poll() is None, f"{job.name} ended early:\n{job.text()[-4000:]}"
+        assert job.poll() is None, f"{job.name} ended early:\n{job.text()[-4000:]}"
         time.sleep(0.05)
     raise AssertionError(f"{path} not written after {timeout}s:\n{job.text()[-4000:]}")
 
@@ -316,7 +330,8 @@ FAULT_BOUND_S = 60      # every failure below must end the job well inside this 
 
 def start_fault_job(cluster, name, stage, per_node):
     out = os.path.join(cluster.shared, name)
-    job = Job(cluster, name, ["--nodes=2", f"--ntasks-per-node={per_node}"],
+    # --no-requeue: else Slurm requeues a batch job whose node failed (JobRequeue=1), to wait for it
+    job = Job(cluster, name, ["--nodes=2", f"--ntasks-per-node={per_node}", "--no-requeue"],
               ["launch/slurm_cpu.sbatch", *job_args(out, stages=str(stage), steps=FAULT_STEPS,
                                                     extra=["--save_every", "2", "--step_sleep", "1.0",
                                                            "--timeout_s", "600"])])
@@ -324,11 +339,19 @@ def start_fault_job(cluster, name, stage, per_node):
 
 
 def after_fault(cluster, job, t_fault, name):
-    rc, _, text = job.wait(timeout=FAULT_BOUND_S + 60)
-    elapsed = time.time() - t_fault
+    """Wait for the job to end; record when a rank first reported the failure and when the job ended."""
+    first_error = None
+    while job.poll() is None and time.time() - t_fault < FAULT_BOUND_S + 60:
+        if first_error is None and "FAILED: rank" in job.text():
+            first_error = time.time() - t_fault
+        time.sleep(0.1)
+    rc, _, text = job.wait(timeout=5)
+    elapsed = job.started + job.wall - t_fault
+    if first_error is not None:
+        record(f"fault_{name}_first_rank_error_s", first_error)
     record(f"fault_{name}_time_to_failure_s", elapsed)
     record(f"job_{name}_wall_s", job.wall)
-    state = job.state()
+    state = job.final
     assert rc != 0, f"the job survived the fault:\n{text[-4000:]}"
     assert elapsed < FAULT_BOUND_S, f"{elapsed:.1f}s to fail:\n{text[-4000:]}"
     return text, state
@@ -354,9 +377,8 @@ def test_sigkill_of_every_process_on_node2_then_resume_on_node1(cluster):
         saved, resumed, final = resume_on_node1(cluster, out, 2, tag, per_node=1, steps=int(tag[4:]) + 3)
         assert_exact_resume(saved, resumed, final, int(tag[4:]), int(tag[4:]) + 3, world_size=1, stage=2)
     finally:
-        if job.proc.poll() is None:
-            subprocess.run(["scancel", str(job.id)], env=cluster.env)
-            job.proc.communicate(timeout=60)
+        if job.poll() is None:
+            subprocess.run(["scancel", job.id], env=cluster.env)
         cluster.revive("node2")
 
 
@@ -373,7 +395,8 @@ def test_cutting_node2s_link_then_resume_on_node1(cluster):
         cluster.set_link("node2", up=False)
         text, state = after_fault(cluster, job, t_fault, "link_cut_node2")
         assert state.get("JobState") == "NODE_FAIL", state
-        assert "node2" in state.get("NodeList", "") and cluster.node_states().get("node2", "").startswith("down")
+        assert cluster.node_states().get("node2", "").startswith("down"), cluster.node_states()
+        assert "Node failure on node2" in text, text[-4000:]   # srun names the lost node
         ckpt = os.path.join(out, "z3", "checkpoints")
         tag = open(os.path.join(ckpt, "latest")).read().strip()
         record("fault_link_cut_node2_last_checkpoint_step", int(tag[4:]))
@@ -381,7 +404,6 @@ def test_cutting_node2s_link_then_resume_on_node1(cluster):
         saved, resumed, final = resume_on_node1(cluster, out, 3, tag, per_node=2, steps=int(tag[4:]) + 3)
         assert_exact_resume(saved, resumed, final, int(tag[4:]), int(tag[4:]) + 3, world_size=2, stage=3)
     finally:
-        if job.proc.poll() is None:
-            subprocess.run(["scancel", str(job.id)], env=cluster.env)
-            job.proc.communicate(timeout=60)
+        if job.poll() is None:
+            subprocess.run(["scancel", job.id], env=cluster.env)
         cluster.revive("node2")
