@@ -30,7 +30,7 @@ from launch_helpers import ENV, REPO
 from slurm_cluster import TwoNodeCluster, why_no_multinode
 
 _WHY = why_no_multinode()
-pytestmark = pytest.mark.skipif(_WHY is not None, reason=f"two-node cluster unavailable: {_WHY}")
+needs_cluster = pytest.mark.skipif(_WHY is not None, reason=f"two-node cluster unavailable: {_WHY}")
 
 JOB = "tests/multinode_job.py"
 STEPS = 4
@@ -46,6 +46,8 @@ def record(key, value):
 
 @pytest.fixture(scope="module")
 def cluster():
+    if _WHY is not None:
+        pytest.skip(f"two-node cluster unavailable: {_WHY}")
     c = TwoNodeCluster()
     try:
         c.start()
@@ -178,6 +180,60 @@ def hosts_of(seen):
 
 
 # ---- the cluster itself ------------------------------------------------------------------------
+
+def _leftovers():
+    from slurm_cluster import PREFIX
+    netns = [n.split()[0] for n in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.splitlines()
+             if n.startswith(f"{PREFIX}-")]
+    links = [n for n in subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout.split("\n")
+             if f" {PREFIX}-" in n]
+    return netns, links
+
+
+def test_multinode_deepspeed_pdsh_dry_run_takes_the_head_node_from_the_hostfile(tmp_path):
+    """The ssh (pdsh) path needs sshd on every node, which the test cluster lacks: its command only."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("# comment\nnode-a slots=2\nnode-b slots=2\n")
+    proc = subprocess.run(["bash", "launch/multinode_deepspeed.sh", JOB, "--out", "x"], cwd=REPO,
+                          env=dict(ENV, HOSTFILE=str(hostfile), DRY_RUN="1", MASTER_PORT="29777"),
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert (f"+ deepspeed --hostfile {hostfile} --launcher pdsh --master_addr node-a --master_port 29777 "
+            f"{JOB} --out x") in proc.stdout
+    bad = subprocess.run(["bash", "launch/multinode_deepspeed.sh"], cwd=REPO, capture_output=True, text=True,
+                         env=dict(ENV, HOSTFILE=str(hostfile), LAUNCHER="ssh"), timeout=30)
+    assert bad.returncode == 2 and "LAUNCHER=ssh; use pdsh or slurm" in bad.stderr
+
+
+@needs_cluster
+def test_a_crashed_run_is_cleaned_up_by_the_next_and_stop_leaves_nothing(tmp_path):
+    """Runs before the module's cluster starts: a process that started a cluster is SIGKILLed (no
+    finally, no atexit); the next start() removes its daemons, namespaces, links and temp dir."""
+    script = ("import sys, json; sys.path.insert(0, 'tests'); from slurm_cluster import TwoNodeCluster\n"
+              "c = TwoNodeCluster().start()\n"
+              "print(json.dumps({'root': c.root, 'pids': [p.pid for p in c.daemons.values()]}), flush=True)\n"
+              "import time; time.sleep(600)\n")
+    crashed = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        left = json.loads(crashed.stdout.readline())
+    finally:
+        crashed.kill()
+        crashed.wait()
+    netns, links = _leftovers()
+    assert len(netns) == 2 and links and os.path.isdir(left["root"])
+    assert all(os.path.exists(f"/proc/{pid}") for pid in left["pids"])   # munged, slurmctld, slurmd x2, holders
+    fresh = TwoNodeCluster()
+    try:
+        fresh.start()
+        assert not os.path.isdir(left["root"])
+        assert not [pid for pid in left["pids"] if os.path.exists(f"/proc/{pid}")
+                    and open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"]
+        assert fresh.node_states() == {"node1": "idle", "node2": "idle"}
+    finally:
+        fresh.stop()
+    assert _leftovers() == ([], []) and not os.path.isdir(fresh.root)
+    assert not [p for p in fresh.daemons.values() if p.poll() is None]
+
 
 def test_the_cluster_is_two_nodes_with_their_own_names_addresses_and_slurmd(cluster):
     assert cluster.node_states() == {"node1": "idle", "node2": "idle"}
