@@ -224,6 +224,10 @@ def tempfile_prefix():
     return f"/var/tmp/{PREFIX}_cluster_"
 
 
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)
+
+
 class TwoNodeCluster:
     """node1 and node2 (SUBNET.1, SUBNET.2) with slurmctld at SUBNET.254. start() / stop(); stop()
     is idempotent and also registered with atexit, and start() first removes a crashed run's
@@ -270,6 +274,9 @@ class TwoNodeCluster:
             self._lock_fd = None
             raise RuntimeError(f"another test run holds the two-node cluster ({LOCK})") from None
         atexit.register(self.stop)
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            with contextlib.suppress(ValueError):   # not the main thread: atexit/next start clean up
+                signal.signal(signal.SIGTERM, _exit_on_sigterm)   # a CI timeout's SIGTERM runs atexit
         clean_stale()
         os.makedirs(os.path.dirname(tempfile_prefix()), exist_ok=True)
         self.root = tempfile.mkdtemp(prefix=os.path.basename(tempfile_prefix()), dir=os.path.dirname(tempfile_prefix()))

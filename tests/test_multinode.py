@@ -405,6 +405,8 @@ def after_fault(cluster, job, t_fault, name):
     elapsed = job.started + job.wall - t_fault
     if first_error is not None:
         record(f"fault_{name}_first_rank_error_s", first_error)
+    done = [int(n) for n in re.findall(r"z\d step (\d+)/", job.text())]
+    record(f"fault_{name}_steps_done_before_failure", max(done, default=0))
     record(f"fault_{name}_time_to_failure_s", elapsed)
     record(f"job_{name}_wall_s", job.wall)
     state = job.final
@@ -426,6 +428,8 @@ def test_sigkill_of_every_process_on_node2_then_resume_on_node1(cluster):
         text, state = after_fault(cluster, job, t_fault, "sigkill_node2")
         # the surviving rank names the lost peer: node2's address, resolved to its name
         assert re.search(rf"FAILED: rank 0 on node1: .*{re.escape(cluster.addr('node2'))} is node2", text), text[-4000:]
+        assert "Node failure on node2" in text, text[-4000:]   # and so does srun
+        assert state["JobState"] in ("NODE_FAIL", "FAILED"), state
         ckpt = os.path.join(out, "z2", "checkpoints")
         tag = open(os.path.join(ckpt, "latest")).read().strip()
         record("fault_sigkill_node2_last_checkpoint_step", int(tag[4:]))
