@@ -1,11 +1,15 @@
 """A real one-node Slurm cluster (munged + slurmctld + slurmd from Debian's packages) for tests,
 started as root in a temporary directory and stopped afterwards."""
+import atexit
 import contextlib
+import fcntl
+import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 
 SLURM_CONF = """ClusterName=fsamtest
@@ -96,7 +100,7 @@ def slurm_cluster(root):
 
 # ---- a real two-node cluster on one machine --------------------------------------------------
 # Each node is a network namespace (own address on a bridge) plus a UTS and a mount namespace (own
-# hostname, private /etc/hosts) kept alive by a "holder" process; slurmctld and munged run in the
+# hostname, private /etc/hosts and /tmp) kept alive by a "holder" process; slurmctld and munged run in the
 # root namespace, one slurmd per node inside it. See ../shared/MULTINODE_NOTES.md for the facts.
 
 PREFIX = "fsmn"                       # every namespace, link and file this fixture creates
@@ -167,17 +171,6 @@ def _sh(*cmd, check=True):
     return out
 
 
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, PermissionError):
-        return False
-    with contextlib.suppress(OSError):  # a zombie is not alive
-        if open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z":
-            return False
-    return True
-
-
 def _kill(pid, sig=signal.SIGKILL):
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.kill(pid, sig)
@@ -192,7 +185,6 @@ def netns_pids(name):
 def clean_stale():
     """Remove what an earlier, crashed run left: its daemons (by the pids it recorded, and every
     process inside our namespaces), the namespaces, links and its temp dir. Call holding LOCK."""
-    import json
     state_file = f"{STATE_DIR}/state.json"
     state = {}
     with contextlib.suppress(OSError, ValueError):
@@ -260,10 +252,6 @@ class TwoNodeCluster:
 
     # -- life cycle
     def start(self):
-        import atexit
-        import fcntl
-        import json
-        import tempfile
         t0 = time.time()
         os.makedirs(STATE_DIR, exist_ok=True)
         self._lock_fd = os.open(LOCK, os.O_RDWR | os.O_CREAT, 0o600)
@@ -385,7 +373,6 @@ class TwoNodeCluster:
         self._record()
 
     def _record(self):
-        import json
         os.makedirs(STATE_DIR, exist_ok=True)
         with open(f"{STATE_DIR}/state.json", "w") as f:
             json.dump({"root": self.root, "holders": list(self.holders.values()),
@@ -472,7 +459,6 @@ class TwoNodeCluster:
             shutil.rmtree(self.root, ignore_errors=True)
         with contextlib.suppress(FileNotFoundError):
             os.remove(f"{STATE_DIR}/state.json")
-        import fcntl
         fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
         os.close(self._lock_fd)
         self._lock_fd = None
