@@ -309,6 +309,8 @@ def test_deepspeed_launcher_multinode_with_a_hostfile_through_slurm(cluster, ref
     text = run_job(cluster, "deepspeed", ["--nodes=2", "--ntasks-per-node=1", "--wrap",
                                           f"bash launch/multinode_deepspeed.sh {program}"], [], env=env)
     assert "deepspeed --hostfile" in text and "--launcher slurm" in text
+    # DeepSpeed read the hostfile written from the allocation (2 hosts x 1 slot) and ran srun itself
+    assert re.search(r"cmd = srun -n 2 --mpi=pmix --export=ALL\S* \S*python -u tests/multinode_job.py", text), text[-3000:]
     seen = ranks_seen(out)
     assert hosts_of(seen) == ["node1", "node2"]
     # DeepSpeed's MPI discovery: rank 0's address (node1's), MASTER_PORT from the launcher's environment
