@@ -391,7 +391,7 @@ def start_fault_job(cluster, name, stage, per_node):
     # --no-requeue: else Slurm requeues a batch job whose node failed (JobRequeue=1), to wait for it
     job = Job(cluster, name, ["--nodes=2", f"--ntasks-per-node={per_node}", "--no-requeue"],
               ["launch/slurm_cpu.sbatch", *job_args(out, stages=str(stage), steps=FAULT_STEPS,
-                                                    extra=["--save_every", "2", "--step_sleep", "1.0",
+                                                    extra=["--save_every", "2", "--step_sleep", "0.5",
                                                            "--timeout_s", "600"])])
     return out, job
 
@@ -441,7 +441,9 @@ def test_sigkill_of_every_process_on_node2_then_resume_on_node1(cluster):
     finally:
         if job.poll() is None:
             subprocess.run(["scancel", job.id], env=cluster.env)
+        t0 = time.time()
         cluster.revive("node2")
+        record(f"revive_node2_after_{job.name}_s", time.time() - t0)
 
 
 def test_cutting_node2s_link_then_resume_on_node1(cluster):
@@ -468,4 +470,6 @@ def test_cutting_node2s_link_then_resume_on_node1(cluster):
     finally:
         if job.poll() is None:
             subprocess.run(["scancel", job.id], env=cluster.env)
+        t0 = time.time()
         cluster.revive("node2")
+        record(f"revive_node2_after_{job.name}_s", time.time() - t0)
