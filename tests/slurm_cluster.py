@@ -55,6 +55,17 @@ def _free_port():
         return s.getsockname()[1]
 
 
+SYSTEM_MUNGED_PID = "/run/munge/munged.pid"
+
+
+def _pidfile_alive(path):
+    try:
+        os.kill(int(open(path).read().strip()), 0)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def _kill_pidfile(path):
     with contextlib.suppress(FileNotFoundError, ProcessLookupError, ValueError):
         os.kill(int(open(path).read().strip()), signal.SIGTERM)
@@ -73,7 +84,8 @@ def slurm_cluster(root):
                                   cpus=os.cpu_count()))
     env = dict(os.environ, SLURM_CONF=conf)
     started_munged = None
-    if subprocess.run(["pgrep", "-x", "munged"], capture_output=True).returncode != 0:
+    # the system munged, by its pid file (other munged instances, e.g. TwoNodeCluster's, are not it)
+    if not _pidfile_alive(SYSTEM_MUNGED_PID):
         os.makedirs("/run/munge", exist_ok=True)
         shutil.chown("/run/munge", "munge", "munge")
         subprocess.run(["runuser", "-u", "munge", "--", "munged"], check=True)
@@ -95,7 +107,7 @@ def slurm_cluster(root):
         _kill_pidfile(f"{root}/slurmd.pid")
         _kill_pidfile(f"{root}/slurmctld.pid")
         if started_munged:
-            subprocess.run(["pkill", "-x", "munged"], capture_output=True)
+            _kill_pidfile(SYSTEM_MUNGED_PID)
 
 
 # ---- a real two-node cluster on one machine --------------------------------------------------
