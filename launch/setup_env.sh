@@ -8,7 +8,7 @@ _repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 _venv="${FSAM_VENV:-$_repo/.venv}"
 if [ "$(id -u)" = 0 ] && [ "${FSAM_APT:-1}" = 1 ] && command -v apt-get >/dev/null; then
   _pkgs="openmpi-bin libopenmpi-dev"
-  [ "${FSAM_SLURM:-0}" = 1 ] && _pkgs="$_pkgs slurm-wlm munge"
+  [ "${FSAM_SLURM:-0}" = 1 ] && _pkgs="$_pkgs slurm-wlm munge iproute2"   # iproute2: the two-node test cluster
   # a minimal Debian/Ubuntu python3 lacks ensurepip, and with it `python3 -m venv`
   python3 -c "import ensurepip" >/dev/null 2>&1 || _pkgs="$_pkgs python3-venv"
   _missing=""
