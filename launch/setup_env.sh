@@ -35,4 +35,7 @@ if [ ! -f "$_stamp" ] || [ "$_repo/requirements-cpu.txt" -nt "$_stamp" ] || [ "$
   touch "$_stamp"
 fi
 export DS_ACCELERATOR=cpu HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# DeepSpeed JIT-builds its CPU comm op here: one cache per venv (a shared ~/.cache one is rebuilt
+# whenever another venv with other versions uses it)
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$_venv/torch_extensions}"
 unset _repo _venv _stamp _pkgs _missing

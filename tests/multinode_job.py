@@ -99,11 +99,10 @@ def train(stage, args, rank, world_size):
     batches = zc.global_batches(args.steps)
     losses, stats, refreshed = [], [], []
     for step in range(start, args.steps):
-        before = engine._fsam.last_stats
         losses.append(fsam_ds.train_step(engine, zc.loss_fn, zc.micro_batches(batches[step], rank, world_size)))
         stats.append(dict(engine._fsam.last_stats))
-        # was the mask recomputed in this step? (a refresh builds a new stats dict)
-        refreshed.append(bool(engine._fsam.last_stats.get("mask_refreshed", engine._fsam.last_stats is not before)))
+        # was the mask recomputed in this step?
+        refreshed.append(bool(engine._fsam.last_stats.get("refreshed")))
         if rank == 0:
             print(f"z{stage} step {step + 1}/{args.steps} loss {losses[-1]:.6f}", flush=True)
         if args.save_every and (step + 1) % args.save_every == 0:
