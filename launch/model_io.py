@@ -22,6 +22,11 @@ def numel(p):
     return getattr(p, "ds_numel", p.numel())
 
 
+def local_shard(p):
+    """What this rank holds of a parameter: its ZeRO-3 partition, or the whole tensor."""
+    return (p.ds_tensor if hasattr(p, "ds_tensor") else p).detach()
+
+
 def zero_stage(ds_config):
     return int((ds_config.get("zero_optimization") or {}).get("stage", 0) or 0)
 
@@ -44,7 +49,7 @@ def partition_report(model):
     local = total = 0
     worst = 0.0
     for p in model.parameters():
-        n_local = p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
+        n_local = local_shard(p).numel()
         local, total = local + n_local, total + numel(p)
         worst = max(worst, n_local / max(1, numel(p)))
     return local, total, worst
@@ -93,16 +98,26 @@ def perturb_coverage(module, fsam_config, sparsity):
 
 
 class LoRAMaskRefresh:
-    """LoRA's lora_B starts at 0, so at the first step every lora_A gradient is exactly 0 and the
-    first Fisher mask can hold only lora_B elements, for mask_interval steps. After the first
-    step (lora_B != 0 now) the mask is recomputed once, from real lora_A gradients."""
+    """LoRA's lora_B starts at 0, so every lora_A gradient is exactly 0 until lora_B has moved
+    (one step with lr > 0: a linear warm-up from 0 takes two), and a mask computed before holds
+    only lora_B elements for mask_interval steps. After each step, until lora_B is non-zero on some
+    rank, this checks it (one tiny all-reduce) and then has FSAM recompute the mask at the next step,
+    from real lora_A gradients. Call after_step on every rank."""
 
     def __init__(self, model):
-        self.pending = any("lora_A" in n for n, p in model.named_parameters() if p.requires_grad)
+        self.lora_b = [p for n, p in model.named_parameters() if p.requires_grad and "lora_B" in n]
+        self.pending = bool(self.lora_b)
 
-    def after_step(self, fsam, skipped):
-        if self.pending and fsam is not None and not skipped:
-            fsam.invalidate_masks("LoRA: lora_A had no gradient at the first mask (lora_B starts at 0)")
+    def after_step(self, fsam):
+        if not self.pending or fsam is None:
+            return
+        shards = [local_shard(p) for p in self.lora_b]
+        moved = torch.tensor([max(float(t.abs().max()) if t.numel() else 0.0 for t in shards)],
+                             dtype=torch.float64, device=shards[0].device)
+        if dist.is_initialized():
+            dist.all_reduce(moved, op=dist.ReduceOp.MAX)
+        if float(moved) > 0:
+            fsam.invalidate_masks("LoRA: lora_B has left 0, so lora_A now has gradients for the mask")
             self.pending = False
 
 

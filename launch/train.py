@@ -485,7 +485,7 @@ while step < total_steps:
         if fsam is not None:
             local_loss = fsam_ds.train_step(engine, forward_loss, micro)
             stats = dict(fsam.last_stats)
-            lora_refresh.after_step(fsam, stats.get("skipped", False))
+            lora_refresh.after_step(fsam)
         else:
             total = 0.0
             for mb in micro:
