@@ -1,6 +1,7 @@
 """Loading, adapting and saving Hugging Face models for launch/train.py (and for users' own
 scripts), sized for models that do not fit one rank:
 
+  fill_auto_schedule the "auto" values of the shipped configs' scheduler, from the run length
   load_model         ZeRO-3: HfDeepSpeedConfig before from_pretrained, so the model is built under
                      deepspeed.zero.Init and every parameter is partitioned as it is created
   add_lora           PEFT LoRA adapters; only they are trainable, so only they reach FSAM
@@ -29,6 +30,23 @@ def local_shard(p):
 
 def zero_stage(ds_config):
     return int((ds_config.get("zero_optimization") or {}).get("stage", 0) or 0)
+
+
+def fill_auto_schedule(ds_config, total_steps, warmup_ratio=0.1):
+    """Resolve the scheduler block's "auto" values (the shipped configs use them) in place:
+    warmup_num_steps = ceil(warmup_ratio * total_steps), total_num_steps = total_steps (also when
+    left out), warmup_max_lr = the optimizer's lr. Returns the scheduler params."""
+    scheduler = ds_config.get("scheduler") or {}
+    params = scheduler.get("params", {})
+    if scheduler.get("type") in ("WarmupDecayLR", "WarmupCosineLR") and \
+            params.get("total_num_steps", "auto") == "auto":
+        params["total_num_steps"] = total_steps
+    if params.get("warmup_num_steps") == "auto":
+        params["warmup_num_steps"] = math.ceil(warmup_ratio * total_steps)
+    for key in ("warmup_max_lr", "lr"):
+        if params.get(key) == "auto":
+            params[key] = ds_config["optimizer"]["params"]["lr"]
+    return params
 
 
 def load_model(auto_cls, path, ds_config, **kwargs):

@@ -283,15 +283,7 @@ total_steps = math.ceil(args.epochs * steps_per_epoch)
 if args.max_steps:
     total_steps = min(total_steps, args.max_steps)
 # "auto" in the scheduler block comes from the run length: warm-up is a fraction of the run
-sched_params = ds_config.get("scheduler", {}).get("params", {})
-if ds_config.get("scheduler", {}).get("type") in ("WarmupDecayLR", "WarmupCosineLR") and \
-        sched_params.get("total_num_steps", "auto") == "auto":
-    sched_params["total_num_steps"] = total_steps
-if sched_params.get("warmup_num_steps") == "auto":
-    sched_params["warmup_num_steps"] = math.ceil(args.warmup_ratio * total_steps)
-for key in ("warmup_max_lr", "lr"):
-    if sched_params.get(key) == "auto":
-        sched_params[key] = ds_config["optimizer"]["params"]["lr"]
+sched_params = model_io.fill_auto_schedule(ds_config, total_steps, args.warmup_ratio)
 if int(sched_params.get("warmup_num_steps", 0)) >= total_steps > 1:
     log(f"[train] warning: the scheduler warms up for {sched_params['warmup_num_steps']} steps, the "
         f"whole run of {total_steps}; use \"warmup_num_steps\": \"auto\" (--warmup_ratio)")
