@@ -190,7 +190,7 @@ def encode(rows, train=False):
         except (ValueError, KeyError, TypeError) as err:
             fail(f"cannot encode the {columns} rows: {err}")
         kept = [e for e in examples if e is not None]
-        if len(kept) < len(examples):
+        if len(kept) < len(examples) and os.environ.get("RANK", "0") == "0":
             print(f"[train] warning: {len(examples) - len(kept)} of {len(examples)} rows have no "
                   f"response token within --max_seq_length {args.max_seq_length}; dropped", flush=True)
         return lm_data.pack(kept, args.max_seq_length) if train and args.packing else kept

@@ -71,6 +71,9 @@ def assets(tmp_path_factory):
     chat = prepare_data.movie_reviews_chat()[:160]
     write_jsonl(root / "chat_train.jsonl", chat[:96])
     write_jsonl(root / "chat_val.jsonl", chat[96:128])
+    # 37M parameters (147 MB in fp32): large enough that a rank building the whole model shows
+    LlamaForCausalLM(tiny_llama_config(tokenizer, hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
+                                       num_attention_heads=4, num_key_value_heads=2)).save_pretrained(root / "mid_llama")
     reviews = prepare_data.movie_reviews()[:160]
     write_jsonl(root / "cls_train.jsonl", reviews[:64])
     write_jsonl(root / "cls_val.jsonl", reviews[64:96])
@@ -213,6 +216,20 @@ def library_checks(rank, world_size, root):
     batches = _batches(tokenizer, f"{root}/chat_train.jsonl", 4, rank)
     out = {}
 
+    # 0. host memory while loading a 37M model under ZeRO-3 (first, so that the process's peak RSS
+    #    so far is about its current RSS): rank 1 never reads the checkpoint, so its peak must grow
+    #    by its half of the fp32 model, not by the whole model. Rank 0 reads the file (transformers).
+    import resource
+    current_mb = lambda: int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    peak_mb = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    before = max(current_mb(), peak_mb())
+    model, keep = model_io.load_model(AutoModelForCausalLM, f"{root}/mid_llama", lib_config(3))
+    local, total, _ = model_io.partition_report(model)
+    out["mid_load"] = {"peak_growth_mb": peak_mb() - before, "full_fp32_mb": total * 4 / 2**20,
+                       "local_fp32_mb": local * 4 / 2**20}
+    del model, keep
+    unset_hf_deepspeed_config()
+
     # 1. ZeRO-3 loading: every parameter partitioned from the start, none whole on any rank
     for precision in ("fp32", "bf16"):
         extra = {"bf16": {"enabled": True}} if precision == "bf16" else {}
@@ -327,6 +344,15 @@ def _library_results(root):
 @pytest.fixture(scope="module")
 def library(assets):
     return _library_results(str(assets))
+
+
+def test_zero3_loading_does_not_build_the_whole_model_on_a_rank(library):
+    for rank, res in enumerate(library):
+        print(f"rank {rank} loading 37M Llama under zero.Init: {res['mid_load']}")
+    mid = library[1]["mid_load"]
+    assert mid["local_fp32_mb"] <= 0.51 * mid["full_fp32_mb"]
+    # a rank that built the whole fp32 model first would grow by at least full_fp32_mb
+    assert mid["peak_growth_mb"] < 0.75 * mid["full_fp32_mb"], mid
 
 
 def test_zero3_loading_never_holds_a_whole_parameter_on_a_rank(library):
