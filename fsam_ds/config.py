@@ -9,8 +9,11 @@ from dataclasses import asdict, dataclass, field, fields
 
 FISHER_MODES = ("grad_sq", "exp_avg_sq")
 # The paper's code always perturbs biases and embeddings; norms are tiny and scale-like, so they
-# are always perturbed too. Patterns are case-insensitive regular expressions searched in the name.
-DEFAULT_ALWAYS_PERTURB = ("bias", "norm", "embed")
+# are always perturbed too. Patterns are case-insensitive regular expressions searched in the name:
+# BERT/RoBERTa (embeddings.*, LayerNorm), Llama/Mistral/Qwen/OPT/NeoX (embed_tokens, embed_in,
+# *layernorm, norm; a tied lm_head is named embed_tokens), GPT-2/GPT-J/Falcon (wte, wpe, ln_1, ln_f,
+# ln_attn) and T5 (shared, layer_norm, relative_attention_bias).
+DEFAULT_ALWAYS_PERTURB = ("bias", "norm", "embed", r"(^|\.)(wte|wpe)\.", r"(^|\.)ln_", r"(^|\.)shared\.")
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """Fine-tune a Hugging Face model with FSAM, SAM or AdamW on DeepSpeed (sequence classification, or
-causal LM with --task causal_lm). The DeepSpeed JSON is the single source of truth for batch sizes,
-precision, ZeRO stage, optimizer, schedule and the "fsam" block; this script only names the file.
+causal LM with --task causal_lm: plain text, prompt/response or chat instruction data). The
+DeepSpeed JSON is the single source of truth for batch sizes, precision, ZeRO stage, optimizer,
+schedule and the "fsam" block; this script only names the file.
 
   # 2 local ranks (CPU: DS_ACCELERATOR=cpu; GPU: one rank per GPU)
   deepspeed --num_gpus 2 launch/train.py --deepspeed_config ds_configs/zero2_fsam.json \
@@ -9,8 +10,14 @@ precision, ZeRO stage, optimizer, schedule and the "fsam" block; this script onl
   torchrun --nproc_per_node 2 launch/train.py ...          # same arguments
   mpirun -np 2 python launch/train.py ...                   # DeepSpeed's MPI discovery (mpi4py)
   sbatch launch/slurm_gpu.sbatch                            # multi-node, see README
+  # a Llama-family model, ZeRO-3 (partitioned loading), chat data, loss on the responses only
+  deepspeed --num_gpus 2 launch/train.py --task causal_lm --deepspeed_config ds_configs/zero3_fsam.json \
+      --model_name_or_path $(python launch/prepare_data.py --smollm2_dir) \
+      --train_file data/mr_chat/train.jsonl --validation_file data/mr_chat/validation.jsonl \
+      --output_dir outputs/smollm2 [--lora_r 8] [--gradient_checkpointing] [--packing]
 
-Data: JSONL or CSV with `text`,`label` or `sentence1`,`sentence2`,`label` columns (as run_glue.py).
+Data: JSONL or CSV. Classification: `text`,`label` or `sentence1`,`sentence2`,`label` columns (as
+run_glue.py). Causal LM: `text`, or `prompt`,`response`, or `messages` (chat; see lm_data.py).
 """
 import argparse
 import csv
@@ -18,6 +25,7 @@ import json
 import math
 import os
 import random
+import resource
 import sys
 import time
 
@@ -38,12 +46,24 @@ parser.add_argument("--max_steps", type=int, default=0, help="stop after this ma
 parser.add_argument("--max_train_samples", type=int, default=0, help="use the first N training rows (0: all)")
 parser.add_argument("--max_eval_samples", type=int, default=0)
 parser.add_argument("--max_seq_length", type=int, default=128)
+parser.add_argument("--eval_batch_size", type=int, default=0, help="per rank (0: twice the micro batch)")
+parser.add_argument("--packing", action="store_true",
+                    help="causal LM: pack training examples into blocks of --max_seq_length tokens")
+parser.add_argument("--warmup_ratio", type=float, default=0.1,
+                    help='warm-up steps = ceil(ratio x total steps) where the config says "auto"')
+parser.add_argument("--lora_r", type=int, default=0, help="LoRA rank (peft); 0 trains every weight")
+parser.add_argument("--lora_alpha", type=int, default=16)
+parser.add_argument("--lora_dropout", type=float, default=0.05)
+parser.add_argument("--lora_target_modules", default="all-linear",
+                    help='comma-separated module names (e.g. "q_proj,v_proj") or "all-linear"')
+parser.add_argument("--gradient_checkpointing", action="store_true", help="activation checkpointing")
 parser.add_argument("--seed", type=int, default=42)
 parser.add_argument("--output_dir", required=True)
 parser.add_argument("--eval_before", action="store_true", help="also evaluate before training")
 parser.add_argument("--log_every", type=int, default=10)
 parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir/checkpoints")
-parser.add_argument("--save_every", type=int, default=0, help="checkpoint every N optimizer steps (0: only at the end)")
+parser.add_argument("--save_every", type=int, default=-1,
+                    help="checkpoint every N optimizer steps and at the end (0: only at the end; -1: never)")
 parser.add_argument("--timeout_minutes", type=float, default=10.0,
                     help="a collective that waits this long (e.g. a dead rank) fails the job")
 parser.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
@@ -56,11 +76,18 @@ def fail(message):
     sys.exit(2)
 
 
+def peak_rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 # -------------------------------------------------------------------------------- set-up, checks
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import deepspeed  # noqa: E402
 import fsam_ds  # noqa: E402
 import fsam_ds.engine  # noqa: E402
+import lm_data  # noqa: E402
+import model_io  # noqa: E402
 from fsam_ds.engine import load_config  # noqa: E402
 
 try:
@@ -74,6 +101,11 @@ for path, flag in [(args.train_file, "--train_file"), (args.validation_file, "--
 if not os.path.isfile(os.path.join(args.model_name_or_path, "config.json")):
     fail(f"--model_name_or_path {args.model_name_or_path} is not a Hugging Face model directory "
          "(no config.json); pass a directory saved with save_pretrained()")
+if args.packing and args.task != "causal_lm":
+    fail("--packing is for --task causal_lm")
+if not 0 <= args.warmup_ratio <= 1:
+    fail(f"--warmup_ratio {args.warmup_ratio} must be in [0, 1]")
+
 
 # -------------------------------------------------------------------------------- data
 def read_rows(path):
@@ -95,15 +127,19 @@ def read_rows(path):
 
 
 def text_columns(rows, path):
+    """The text columns (classification) or the row format (causal LM) of a data file."""
     if not rows:
         fail(f"{path} has no rows")
     columns = set(rows[0])
-    need_label = args.task == "classification"
+    if args.task == "causal_lm":
+        fmt = lm_data.detect_format(rows)
+        if fmt is None:
+            fail(f"{path} has columns {sorted(columns)}; expected `text`, `prompt`,`response` or `messages`")
+        return fmt
     for cols in (["sentence1", "sentence2"], ["text"]):
-        if set(cols) <= columns and (not need_label or "label" in columns):
+        if set(cols) <= columns and "label" in columns:
             return cols
-    expected = "`text`,`label` or `sentence1`,`sentence2`,`label`" if need_label else "`text`"
-    fail(f"{path} has columns {sorted(columns)}; expected {expected}")
+    fail(f"{path} has columns {sorted(columns)}; expected `text`,`label` or `sentence1`,`sentence2`,`label`")
 
 
 train_rows = read_rows(args.train_file)
@@ -138,21 +174,37 @@ except (OSError, ValueError) as err:
     fail(f"--model_name_or_path {args.model_name_or_path}: cannot load a tokenizer ({err})")
 if tokenizer.pad_token is None:
     tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+if columns == "messages" and not tokenizer.chat_template:
+    fail(f"{args.train_file} has chat `messages` but the tokenizer of {args.model_name_or_path} has "
+         "no chat template; use prompt/response rows or a tokenizer with a template")
 
 
-def encode(rows):
+def encode(rows, train=False):
+    """Classification: (input_ids, class id). Causal LM: (input_ids, labels), labels -100 where
+    no loss is taken; packed into full blocks for training with --packing."""
     if not rows:
         return []
+    if args.task == "causal_lm":
+        try:
+            examples = [lm_data.encode_example(tokenizer, r, columns, args.max_seq_length) for r in rows]
+        except (ValueError, KeyError, TypeError) as err:
+            fail(f"cannot encode the {columns} rows: {err}")
+        kept = [e for e in examples if e is not None]
+        if len(kept) < len(examples) and os.environ.get("RANK", "0") == "0":
+            print(f"[train] warning: {len(examples) - len(kept)} of {len(examples)} rows have no "
+                  f"response token within --max_seq_length {args.max_seq_length}; dropped", flush=True)
+        return lm_data.pack(kept, args.max_seq_length) if train and args.packing else kept
     texts = [[str(r[c]) for r in rows] for c in columns]
     enc = tokenizer(*texts, truncation=True, max_length=args.max_seq_length)
-    labels = [label_to_id[str(r["label"])] for r in rows] if label_names else [0] * len(rows)
-    return [(ids, lab) for ids, lab in zip(enc["input_ids"], labels)]
+    return [(ids, label_to_id[str(r["label"])]) for ids, r in zip(enc["input_ids"], rows)]
 
 
-train_set, val_set, test_set = encode(train_rows), encode(val_rows), encode(test_rows)
+train_set, val_set, test_set = encode(train_rows, train=True), encode(val_rows), encode(test_rows)
 
 
 def collate(examples):
+    if args.task == "causal_lm":
+        return lm_data.collate(examples, tokenizer.pad_token_id, device)
     width = max(len(ids) for ids, _ in examples)
     input_ids = torch.full((len(examples), width), tokenizer.pad_token_id, dtype=torch.long)
     attention = torch.zeros((len(examples), width), dtype=torch.long)
@@ -204,12 +256,25 @@ else:
                                       "base_optimizer", "rho", "sparsity", "mask_interval", "fisher",
                                       "adaptive", "always_perturb")}}
 
+# batch sizes: the config's; train_batch_size, when set, fixes the gradient accumulation
 micro_bs = int(ds_config.get("train_micro_batch_size_per_gpu", 0) or 0)
-gas = int(ds_config.get("gradient_accumulation_steps", 1) or 1)
 if micro_bs <= 0:
     fail(f"{args.deepspeed_config} must set train_micro_batch_size_per_gpu (> 0)")
-ds_config["train_batch_size"] = micro_bs * gas * world_size   # follows the world size we run on
+config_global_bs = ds_config.get("train_batch_size", "auto")
+config_gas = ds_config.get("gradient_accumulation_steps", "auto")
+if config_global_bs != "auto":
+    if int(config_global_bs) % (micro_bs * world_size):
+        fail(f"{args.deepspeed_config}: train_batch_size {config_global_bs} is not a multiple of "
+             f"micro batch {micro_bs} x {world_size} ranks; change it or leave it out (\"auto\")")
+    gas = int(config_global_bs) // (micro_bs * world_size)
+    if config_gas != "auto" and int(config_gas) != gas:
+        fail(f"{args.deepspeed_config}: train_batch_size {config_global_bs} != micro batch {micro_bs} x "
+             f"gradient_accumulation_steps {config_gas} x {world_size} ranks; set two of the three")
+else:
+    gas = 1 if config_gas == "auto" else int(config_gas)
+ds_config["gradient_accumulation_steps"] = gas
 global_bs = micro_bs * gas * world_size
+ds_config["train_batch_size"] = global_bs      # equal to the config's whenever it set one
 steps_per_epoch = len(train_set) // global_bs
 if steps_per_epoch == 0:
     fail(f"{len(train_set)} training examples are fewer than one global batch of {global_bs} "
@@ -217,31 +282,47 @@ if steps_per_epoch == 0:
 total_steps = math.ceil(args.epochs * steps_per_epoch)
 if args.max_steps:
     total_steps = min(total_steps, args.max_steps)
-# a scheduler that needs the run length gets it from the data when the config leaves it out
-sched_params = ds_config.get("scheduler", {}).get("params", {})
-if ds_config.get("scheduler", {}).get("type") in ("WarmupDecayLR", "WarmupCosineLR") and "total_num_steps" not in sched_params:
-    sched_params["total_num_steps"] = total_steps
+# "auto" in the scheduler block comes from the run length: warm-up is a fraction of the run
+sched_params = model_io.fill_auto_schedule(ds_config, total_steps, args.warmup_ratio)
+if int(sched_params.get("warmup_num_steps", 0)) >= total_steps > 1:
+    log(f"[train] warning: the scheduler warms up for {sched_params['warmup_num_steps']} steps, the "
+        f"whole run of {total_steps}; use \"warmup_num_steps\": \"auto\" (--warmup_ratio)")
 
 for monitor_key in ("csv_monitor", "tensorboard"):
     if ds_config.get(monitor_key, {}).get("enabled") and not ds_config[monitor_key].get("output_path"):
         ds_config[monitor_key]["output_path"] = os.path.join(args.output_dir, "monitor")
+stage = model_io.zero_stage(ds_config)
+if stage == 3:   # the final save gathers one module at a time instead of the whole model
+    ds_config["zero_optimization"].setdefault("stage3_gather_16bit_weights_on_model_save", True)
 
 # -------------------------------------------------------------------------------- model, engine
 auto_cls = AutoModelForSequenceClassification if args.task == "classification" else AutoModelForCausalLM
+rss_before_load = peak_rss_mb()
 try:
     kwargs = {"num_labels": len(label_names)} if label_names else {}
-    # DeepSpeed's bf16/fp16 settings decide the training precision; load the weights in fp32 (a
-    # half-precision checkpoint would otherwise train in half precision under transformers 5's
-    # dtype="auto" default).
-    model = auto_cls.from_pretrained(args.model_name_or_path, dtype=torch.float32, **kwargs)
+    # ZeRO-3: built under deepspeed.zero.Init, each rank holds only its partition from the start
+    model, hf_ds_config = model_io.load_model(auto_cls, args.model_name_or_path, ds_config, **kwargs)
 except (OSError, ValueError) as err:
     fail(f"--model_name_or_path {args.model_name_or_path}: cannot load a {auto_cls.__name__} ({err})")
+local_numel, model_numel, largest_local_fraction = model_io.partition_report(model)
+load_stats = {"rss_before_load_mb": rss_before_load, "peak_rss_after_load_mb": peak_rss_mb(),
+              "local_numel": local_numel, "model_numel": model_numel,
+              "largest_local_fraction": largest_local_fraction}
 if label_names:
     model.config.id2label = dict(enumerate(label_names))
     model.config.label2id = label_to_id
-decay = [p for n, p in model.named_parameters() if p.requires_grad and not any(k in n.lower() for k in ("bias", "norm"))]
-no_decay = [p for n, p in model.named_parameters() if p.requires_grad and any(k in n.lower() for k in ("bias", "norm"))]
-groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # decoder classifiers find the last real token through the pad id
+    model.config.pad_token_id = tokenizer.pad_token_id
+if args.gradient_checkpointing:
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+if args.lora_r:
+    model = model_io.add_lora(model, args.task, args.lora_r, args.lora_alpha, args.lora_dropout,
+                              args.lora_target_modules)
+trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+decay = [p for n, p in trainable if not any(k in n.lower() for k in ("bias", "norm"))]
+no_decay = [p for n, p in trainable if any(k in n.lower() for k in ("bias", "norm"))]
+groups = [g for g in ({"params": decay}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
 try:
     if choice == "adamw":
         engine, _, _, _ = fsam_ds.engine.initialize_base(model=model, config=ds_config, model_parameters=groups)
@@ -249,39 +330,58 @@ try:
         engine, _, _, _ = fsam_ds.initialize(model=model, config=ds_config, model_parameters=groups)
 except ValueError as err:
     fail(f"{args.deepspeed_config}: {err}")
+engine.train()   # from_pretrained returns the model in eval mode (dropout off)
 fsam = getattr(engine, "_fsam", None)
+lora_refresh = model_io.LoRAMaskRefresh(model)
+num_params = sum(model_io.numel(p) for p in model.parameters())
+num_trainable = sum(model_io.numel(p) for _, p in trainable)
 log(f"[train] {choice} | world {world_size} | ZeRO-{engine.zero_optimization_stage()} | "
-    f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params | {len(train_set)} train / "
+    f"{num_params / 1e6:.1f}M params ({num_trainable / 1e6:.2f}M trainable) | {len(train_set)} train / "
     f"{len(val_set)} validation examples | {total_steps} steps of {global_bs}"
     + (f" | fsam {fsam.config.to_dict()}" if fsam else ""))
+coverage = None
+if fsam is not None:
+    coverage, warnings_ = model_io.perturb_coverage(engine.module, fsam.config, fsam.config.sparsity)
+    log(f"[train] fsam perturbs {100 * coverage['perturbed']:.1f}% of the trainable elements: "
+        f"always {100 * coverage['always']:.1f}% (always_perturb), ranked {100 * coverage['ranked']:.1f}% "
+        f"of which the top {100 * coverage['kept_of_ranked']:.1f}% by Fisher score"
+        + (f"; the tied input/output embedding ({100 * coverage['tied_embedding']:.1f}%) is always perturbed"
+           if coverage["tied_embedding"] else ""))
+    for line in warnings_[:10]:
+        log(f"[train] WARNING: {line}")
+    if len(warnings_) > 10:
+        log(f"[train] WARNING: ... and {len(warnings_) - 10} more embedding/norm parameters ranked")
+log(f"[train] after loading: rank 0 holds {local_numel / 1e6:.2f}M of {model_numel / 1e6:.2f}M elements; "
+    f"peak RSS {load_stats['peak_rss_after_load_mb']:.0f} MB")
 
 
 def forward_loss(engine, batch):
-    if args.task == "causal_lm":
-        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-        return engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).loss
     return engine(**batch).loss
 
 
 @torch.no_grad()
 def evaluate(examples):
-    """Accuracy and macro-F1 (classification) or loss/perplexity (causal LM) over all ranks. Every
-    rank runs the same number of forwards (ZeRO-3 gathers parameters collectively)."""
+    """Accuracy and macro-F1 (classification), or the token-weighted mean loss on the loss tokens
+    (the responses of instruction data) and its perplexity (causal LM), over all ranks: sums, not
+    means of batch means, so the result does not depend on the eval batch size. Every rank runs
+    the same number of forwards (ZeRO-3 gathers parameters collectively)."""
     engine.eval()
     per_rank = math.ceil(len(examples) / world_size)
     mine = list(range(rank * per_rank, min(len(examples), (rank + 1) * per_rank)))
     n_labels = max(1, len(label_names))
     confusion = torch.zeros(n_labels, n_labels, dtype=torch.float64, device=device)
     loss_sum = torch.zeros(2, dtype=torch.float64, device=device)
-    eval_bs = micro_bs * 2
+    eval_bs = args.eval_batch_size or micro_bs * 2
     for start in range(0, per_rank, eval_bs):
         idx = mine[start:start + eval_bs]
         real = len(idx)
         idx = idx + [0] * (min(eval_bs, per_rank - start) - real)   # pad to keep ranks in step
         batch = collate([examples[i] for i in idx])
         if args.task == "causal_lm":
-            loss = forward_loss(engine, batch)
-            loss_sum += torch.tensor([float(loss) * real, real], dtype=torch.float64, device=device)
+            batch["labels"][real:] = lm_data.IGNORE               # the padding rows count nothing
+            logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            nll, count = lm_data.token_loss_sum(logits, batch["labels"])
+            loss_sum += torch.stack([nll.to(device), torch.tensor(float(count), dtype=torch.float64, device=device)])
             continue
         logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         pred = logits.argmax(-1)[:real]
@@ -292,7 +392,7 @@ def evaluate(examples):
     engine.train()
     if args.task == "causal_lm":
         mean = float(loss_sum[0] / max(1.0, float(loss_sum[1])))
-        return {"loss": mean, "perplexity": math.exp(min(mean, 50))}
+        return {"loss": mean, "perplexity": math.exp(min(mean, 50)), "tokens": int(loss_sum[1])}
     tp = confusion.diag()
     precision = tp / confusion.sum(0).clamp(min=1)
     recall = tp / confusion.sum(1).clamp(min=1)
@@ -331,6 +431,7 @@ if args.resume:
         log(f"[train] --resume: no checkpoint in {ckpt_dir}; starting from scratch")
     else:
         start_step = int(client_state.get("step", 0))
+        lora_refresh.pending = False   # the checkpoint's mask already saw lora_A gradients
         rng = (rank_state or {}).get("rng")
         if rng is None:
             log("[train] warning: the checkpoint has no RNG state for this rank (another world "
@@ -344,8 +445,11 @@ if args.resume:
 
 # -------------------------------------------------------------------------------- train
 metrics = {"optimizer": choice, "world_size": world_size, "zero_stage": engine.zero_optimization_stage(),
-           "global_batch_size": global_bs, "steps": total_steps, "labels": label_names,
-           "fsam": fsam.config.to_dict() if fsam else None}
+           "global_batch_size": global_bs, "gradient_accumulation_steps": gas, "steps": total_steps,
+           "labels": label_names, "data_format": columns if args.task == "causal_lm" else "classification",
+           "num_params": num_params, "num_trainable": num_trainable, "scheduler": ds_config.get("scheduler"),
+           "fsam": fsam.config.to_dict() if fsam else None, "fsam_coverage": coverage,
+           "load": load_stats}
 if args.eval_before:
     metrics["validation_before"] = evaluate(val_set)
     log(f"[eval] before training: {metrics['validation_before']}")
@@ -369,9 +473,11 @@ while step < total_steps:
         global_idx = order[batch_index * global_bs:(batch_index + 1) * global_bs]
         mine = global_idx[rank * micro_bs * gas:(rank + 1) * micro_bs * gas]
         micro = [collate([train_set[i] for i in mine[j * micro_bs:(j + 1) * micro_bs]]) for j in range(gas)]
+        training_mode = engine.module.training
         if fsam is not None:
-            loss = fsam_ds.train_step(engine, forward_loss, micro)
-            stats = fsam.last_stats
+            local_loss = fsam_ds.train_step(engine, forward_loss, micro)
+            stats = dict(fsam.last_stats)
+            lora_refresh.after_step(fsam)
         else:
             total = 0.0
             for mb in micro:
@@ -379,7 +485,12 @@ while step < total_steps:
                 engine.backward(loss_t)
                 engine.step()
                 total += float(loss_t)
-            loss, stats = total / gas, {}
+            local_loss, stats = total / gas, {}
+        # Train/loss is the mean over all ranks' micro-batches, not rank 0's share
+        rank_losses = [torch.zeros(1, dtype=torch.float64, device=device) for _ in range(world_size)]
+        dist.all_gather(rank_losses, torch.tensor([local_loss], dtype=torch.float64, device=device))
+        rank_losses = [float(t) for t in rank_losses]
+        loss = sum(rank_losses) / world_size
         step += 1
         events = [("Train/loss", loss), ("Train/lr", engine.get_lr()[0])]
         if fsam is not None:
@@ -389,14 +500,21 @@ while step < total_steps:
                        ("Train/fsam_grad_norm", stats.get("grad_norm")),
                        ("Train/fsam_sharpness", stats.get("sharpness"))]
         monitor(events)
-        history.append({"step": step, **{k.split("/")[-1]: v for k, v in events}})
+        history.append({"step": step, **{k.split("/")[-1]: v for k, v in events},
+                        "rank_losses": rank_losses, "train_mode": training_mode,
+                        "skipped": bool(stats.get("skipped", False))})
         if progress is not None:
             progress.update(1)
             progress.set_postfix(loss=f"{loss:.4f}")
         if master_process and (step % args.log_every == 0 or step == total_steps):
-            extra = f" sharpness {stats['sharpness']:+.4f} density {stats.get('mask_density', 0):.3f}" if fsam else ""
+            extra = ""
+            if stats.get("skipped"):
+                extra = " (skipped: non-finite gradients)"
+            elif fsam is not None:
+                extra = (f" sharpness {stats.get('sharpness', float('nan')):+.4f}"
+                         f" density {stats.get('mask_density') or 0:.3f}")
             print(f"[train] step {step}/{total_steps} loss {loss:.4f} lr {engine.get_lr()[0]:.3g}{extra}", flush=True)
-        if args.save_every and step % args.save_every == 0:
+        if args.save_every > 0 and step % args.save_every == 0:
             save(step)
     if step < total_steps and (step % steps_per_epoch == 0):
         result = evaluate(val_set)
@@ -415,15 +533,19 @@ if test_set:
 metrics["history"] = history
 
 # -------------------------------------------------------------------------------- save
-if args.save_every and step % args.save_every != 0:
-    save(step)
+if args.save_every == 0 or (args.save_every > 0 and step % args.save_every != 0):
+    save(step)   # fp32 weights from it: python CHECKPOINT_DIR/zero_to_fp32.py CHECKPOINT_DIR OUT_DIR
 model_dir = os.path.join(args.output_dir, "model")
-with deepspeed.zero.GatheredParameters(list(model.parameters()), enabled=engine.zero_optimization_stage() == 3):
-    if master_process:
-        os.makedirs(model_dir, exist_ok=True)
-        state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        model.save_pretrained(model_dir, state_dict=state, safe_serialization=True)
-        tokenizer.save_pretrained(model_dir)
+model_io.save_model(engine, model_dir, tokenizer, stage)
+peak = torch.tensor([peak_rss_mb()], dtype=torch.float64, device=device)
+peaks = [torch.zeros(1, dtype=torch.float64, device=device) for _ in range(world_size)]
+dist.all_gather(peaks, peak)
+loads = [torch.zeros(3, dtype=torch.float64, device=device) for _ in range(world_size)]
+dist.all_gather(loads, torch.tensor([load_stats["rss_before_load_mb"], load_stats["peak_rss_after_load_mb"],
+                                     load_stats["local_numel"]], dtype=torch.float64, device=device))
+metrics["peak_rss_mb_per_rank"] = [float(t) for t in peaks]
+metrics["load_per_rank"] = [{"rss_before_load_mb": float(t[0]), "peak_rss_after_load_mb": float(t[1]),
+                             "local_numel": int(t[2])} for t in loads]
 if master_process:
     with open(os.path.join(args.output_dir, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)

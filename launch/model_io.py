@@ -1,0 +1,158 @@
+"""Loading, adapting and saving Hugging Face models for launch/train.py (and for users' own
+scripts), sized for models that do not fit one rank:
+
+  fill_auto_schedule the "auto" values of the shipped configs' scheduler, from the run length
+  load_model         ZeRO-3: HfDeepSpeedConfig before from_pretrained, so the model is built under
+                     deepspeed.zero.Init and every parameter is partitioned as it is created
+  add_lora           PEFT LoRA adapters; only they are trainable, so only they reach FSAM
+  perturb_coverage   what FSAM will do with each trainable element (always perturbed / ranked /
+                     kept), with loud warnings for embeddings and norms that would be ranked
+  LoRAMaskRefresh    recompute the first Fisher mask once lora_A has a gradient
+  save_model         16-bit Hugging Face folder: ZeRO-3 gathers one module's parameters at a time
+                     (DeepSpeed's consolidated 16-bit state dict), tied weights written once
+"""
+import math
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def numel(p):
+    """Elements of a parameter, also when ZeRO-3 holds only this rank's partition of it."""
+    return getattr(p, "ds_numel", p.numel())
+
+
+def local_shard(p):
+    """What this rank holds of a parameter: its ZeRO-3 partition, or the whole tensor."""
+    return (p.ds_tensor if hasattr(p, "ds_tensor") else p).detach()
+
+
+def zero_stage(ds_config):
+    return int((ds_config.get("zero_optimization") or {}).get("stage", 0) or 0)
+
+
+def fill_auto_schedule(ds_config, total_steps, warmup_ratio=0.1):
+    """Resolve the scheduler block's "auto" values (the shipped configs use them) in place:
+    warmup_num_steps = ceil(warmup_ratio * total_steps), total_num_steps = total_steps (also when
+    left out), warmup_max_lr = the optimizer's lr. Returns the scheduler params."""
+    scheduler = ds_config.get("scheduler") or {}
+    params = scheduler.get("params", {})
+    if scheduler.get("type") in ("WarmupDecayLR", "WarmupCosineLR") and \
+            params.get("total_num_steps", "auto") == "auto":
+        params["total_num_steps"] = total_steps
+    if params.get("warmup_num_steps") == "auto":
+        params["warmup_num_steps"] = math.ceil(warmup_ratio * total_steps)
+    for key in ("warmup_max_lr", "lr"):
+        if params.get(key) == "auto":
+            params[key] = ds_config["optimizer"]["params"]["lr"]
+    return params
+
+
+def load_model(auto_cls, path, ds_config, **kwargs):
+    """from_pretrained in fp32 (DeepSpeed's bf16/fp16 block decides the training precision).
+    Under ZeRO-3 the returned HfDeepSpeedConfig must stay alive until deepspeed.initialize: while
+    it does, transformers builds the model under deepspeed.zero.Init (each rank allocates only its
+    partition) and rank 0 streams the checkpoint into the partitions one module at a time."""
+    keep_alive = None
+    if zero_stage(ds_config) == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+        keep_alive = HfDeepSpeedConfig(ds_config)
+    model = auto_cls.from_pretrained(path, dtype=torch.float32, **kwargs)
+    return model, keep_alive
+
+
+def partition_report(model):
+    """(elements held locally, elements in the model, largest local fraction of one parameter)."""
+    local = total = 0
+    worst = 0.0
+    for p in model.parameters():
+        n_local = local_shard(p).numel()
+        local, total = local + n_local, total + numel(p)
+        worst = max(worst, n_local / max(1, numel(p)))
+    return local, total, worst
+
+
+def add_lora(model, task, r, alpha, dropout, target_modules):
+    """Wrap `model` with LoRA adapters (peft); the base weights are frozen."""
+    from peft import LoraConfig, get_peft_model
+    targets = target_modules if target_modules == "all-linear" else target_modules.split(",")
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
+                        task_type="CAUSAL_LM" if task == "causal_lm" else "SEQ_CLS")
+    return get_peft_model(model, config)
+
+
+def _is_norm(module):
+    return "norm" in type(module).__name__.lower()
+
+
+def perturb_coverage(module, fsam_config, sparsity):
+    """Fractions of the trainable elements that FSAM always perturbs, ranks and keeps, and the
+    warnings for embedding/norm parameters that no always_perturb pattern names."""
+    names = {id(p): n for n, p in module.named_parameters() if p.requires_grad}
+    always = sum(numel(p) for n, p in module.named_parameters()
+                 if p.requires_grad and fsam_config.is_always_perturbed(n))
+    total = sum(numel(p) for n, p in module.named_parameters() if p.requires_grad)
+    ranked = total - always
+    kept = math.ceil((1 - sparsity) * ranked)
+    warnings = []
+    for mod_name, mod in module.named_modules():
+        if isinstance(mod, torch.nn.Embedding) or _is_norm(mod):
+            for p in mod.parameters(recurse=False):
+                name = names.get(id(p))
+                if name is not None and not fsam_config.is_always_perturbed(name):
+                    warnings.append(f"{name} ({type(mod).__name__}) is ranked, not always perturbed: "
+                                    f"no always_perturb pattern {list(fsam_config.always_perturb)} matches it")
+    tied = None
+    get_in, get_out = getattr(module, "get_input_embeddings", None), getattr(module, "get_output_embeddings", None)
+    if get_in is not None and get_out is not None:
+        emb, head = get_in(), get_out()
+        if emb is not None and head is not None and head.weight is emb.weight and \
+                fsam_config.is_always_perturbed(names.get(id(emb.weight))):
+            tied = numel(emb.weight) / max(1, total)   # a tied head is always perturbed with it
+    return {"num_trainable": total, "always": always / max(1, total), "ranked": ranked / max(1, total),
+            "kept_of_ranked": kept / max(1, ranked), "perturbed": (always + kept) / max(1, total),
+            "tied_embedding": tied}, warnings   # tied_embedding: its fraction when always perturbed
+
+
+class LoRAMaskRefresh:
+    """LoRA's lora_B starts at 0, so every lora_A gradient is exactly 0 until lora_B has moved
+    (one step with lr > 0: a linear warm-up from 0 takes two), and a mask computed before holds
+    only lora_B elements for mask_interval steps. After each step, until lora_B is non-zero on some
+    rank, this checks it (one tiny all-reduce) and then has FSAM recompute the mask at the next step,
+    from real lora_A gradients. Call after_step on every rank."""
+
+    def __init__(self, model):
+        self.lora_b = [p for n, p in model.named_parameters() if p.requires_grad and "lora_B" in n]
+        self.pending = bool(self.lora_b)
+
+    def after_step(self, fsam):
+        if not self.pending or fsam is None:
+            return
+        shards = [local_shard(p) for p in self.lora_b]
+        moved = torch.tensor([max(float(t.abs().max()) if t.numel() else 0.0 for t in shards)],
+                             dtype=torch.float64, device=shards[0].device)
+        if dist.is_initialized():
+            dist.all_reduce(moved, op=dist.ReduceOp.MAX)
+        if float(moved) > 0:
+            fsam.invalidate_masks("LoRA: lora_B has left 0, so lora_A now has gradients for the mask")
+            self.pending = False
+
+
+def save_model(engine, model_dir, tokenizer=None, stage=0):
+    """The trained model as a Hugging Face folder on rank 0 (collective: call on every rank).
+    ZeRO-3: DeepSpeed's consolidated 16-bit state dict, gathered one module's parameters at a time
+    onto rank 0's CPU (no rank ever holds more than one module's full parameters on the device;
+    rank 0 ends with the 16-bit state dict in CPU memory, as it then writes). Tied weights share
+    one tensor there, so save_pretrained writes them once. LoRA models save only the adapter."""
+    module = engine.module
+    state = engine._zero3_consolidated_16bit_state_dict() if stage == 3 else None
+    if dist.get_rank() == 0:
+        os.makedirs(model_dir, exist_ok=True)
+        if state is None:
+            state = module.state_dict()
+        module.save_pretrained(model_dir, state_dict=state)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(model_dir)
+    del state
+    dist.barrier()
