@@ -112,9 +112,22 @@ def _deepspeed_config_for_client_optimizer(config: dict) -> dict:
     return ds_config
 
 
+def _auto_values(node, path=""):
+    """Paths of the values still "auto" (Hugging Face's placeholder) in a config."""
+    if isinstance(node, dict):
+        return [p for k, v in node.items() for p in _auto_values(v, f"{path}.{k}" if path else k)]
+    return [path] if node == "auto" else []
+
+
 def refuse_unsupported_config(config: dict, deepspeed_kwargs: dict) -> None:
     """Settings FSAM would follow silently wrong, refused before DeepSpeed builds anything (the
     engine hook refuses them again for engines built by plain deepspeed.initialize)."""
+    auto = _auto_values(config)
+    if auto:
+        raise ValueError(f'DeepSpeed config values {auto} are "auto", which only a launcher that '
+                         "knows the run can fill in (launch/train.py, fsam_ds.hf.FSAMTrainer, "
+                         "transformers' Trainer); give numbers when calling fsam_ds.initialize, "
+                         "e.g. warmup_num_steps = 10% of the run's optimizer steps.")
     if deepspeed_kwargs.get("mpu") is not None:
         raise ValueError("fsam_ds does not support tensor/pipeline model parallelism (mpu=...): the "
                          "Fisher threshold and gradient norm would count each rank's slice as the "

@@ -384,6 +384,8 @@ def test_unsupported_deepspeed_setups_are_refused_naming_the_setting():
         refuse_unsupported_config({"managed_gradient_accumulation": False}, {})
     with pytest.raises(ValueError, match="mpu"):
         refuse_unsupported_config({}, {"mpu": object()})
+    with pytest.raises(ValueError, match=r"scheduler.params.warmup_num_steps"):
+        refuse_unsupported_config({"scheduler": {"params": {"warmup_num_steps": "auto"}}}, {})
     refuse_unsupported_config({"tensor_parallel": {"autotp_size": 1}}, {})   # fine
 
     def engine(**kw):
