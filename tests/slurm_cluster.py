@@ -49,6 +49,16 @@ def why_unavailable():
     return None
 
 
+def _keep_repo_visible(root, node):
+    """Shell commands that keep a repository checked out under /tmp (a CI clone, say) at its path
+    on a node whose /tmp is private: bind it into the node's /tmp before that covers /tmp."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not repo.startswith("/tmp/"):
+        return ""
+    inside = f"{root}/tmp/{node}/{repo[len('/tmp/'):]}"
+    return f"mkdir -p {inside} && mount --bind {repo} {inside} && "
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -320,7 +330,8 @@ class TwoNodeCluster:
             holder = subprocess.Popen(
                 ["nsenter", f"--net=/run/netns/{ns}", "unshare", "--uts", "--mount", "--propagation", "private",
                  "sh", "-c", f"hostname {node} && mount --bind {hosts} /etc/hosts && "
-                             f"mount --bind {self.root}/tmp/{node} /tmp && exec sleep infinity"],
+                             f"{_keep_repo_visible(self.root, node)}"
+                             f"mount --rbind {self.root}/tmp/{node} /tmp && exec sleep infinity"],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             self.holders[node] = holder.pid
             self.daemons[f"holder.{node}"] = holder
