@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import warnings
 
 import torch
 
@@ -265,13 +264,8 @@ def train_step(engine, loss_fn, micro_batches) -> float:
         with _region("fsam.publish"):
             view.publish_master_weights()
         # 3. second pass at w + e; the engine's step restores w and takes the base step
-        second_losses = []
         with client.in_mode(RESTORE), _region("fsam.second_pass"):
-            for batch in micro_batches:
-                loss = loss_fn(engine, batch)
-                engine.backward(loss)
-                second_losses.append(loss)
-                engine.step()
+            second_losses = _pass_with_steps(engine, loss_fn, micro_batches)
     except BaseException:
         _abandon_step(engine, view, client, micro_steps_after)
         raise
@@ -287,16 +281,22 @@ def train_step(engine, loss_fn, micro_batches) -> float:
     return first
 
 
+def _pass_with_steps(engine, loss_fn, micro_batches) -> list:
+    """forward, backward and engine.step() per micro-batch (the last one is the boundary)."""
+    losses = []
+    for batch in micro_batches:
+        loss = loss_fn(engine, batch)
+        engine.backward(loss)
+        losses.append(loss)
+        engine.step()
+    return losses
+
+
 def _plain_step(engine, client, loss_fn, micro_batches, loss_group, micro_steps_after) -> float:
     """One pass and one base-optimizer step through the engine, as plain DeepSpeed training."""
-    losses = []
     try:
         with client.in_mode(PLAIN), _region("fsam.plain_step"):
-            for batch in micro_batches:
-                loss = loss_fn(engine, batch)
-                engine.backward(loss)
-                losses.append(loss)
-                engine.step()
+            losses = _pass_with_steps(engine, loss_fn, micro_batches)
     except BaseException:
         engine.optimizer.zero_grad()
         engine.micro_steps = micro_steps_after

@@ -53,7 +53,6 @@ def allow_fp16_on_this_cpu():
 def fp16_trajectories(rank, world_size, stage):
     """FSAM and plain DeepSpeed under fp16 with the same steps overflowing: loss scale after each
     step, skipped steps."""
-    import deepspeed
     import fsam_ds
     allow_fp16_on_this_cpu()
     out = {}
@@ -61,13 +60,7 @@ def fp16_trajectories(rank, world_size, stage):
         model = zc.make_model()
         config = zc.ds_config(stage, world_size, FSAM if name == "fsam" else None, "fp16")
         del config["scheduler"]
-        if name == "fsam":
-            engine, *_ = fsam_ds.initialize(model=model, config=config, model_parameters=zc.param_groups(model))
-        else:
-            del config["optimizer"]
-            config["zero_allow_untested_optimizer"] = True
-            engine, *_ = deepspeed.initialize(model=model, config=config,
-                                              optimizer=torch.optim.AdamW(zc.param_groups(model), **zc.ADAMW))
+        engine = zc.build_engine(model, config, fsam=name == "fsam")
         plan = {"overflows": FP16_OVERFLOWS if name == "fsam" else {s: 1 for s in FP16_OVERFLOWS}}
         loss_fn = _poisoned_loss_fn(plan)
         scales, weights = [_loss_scale(engine)], []
@@ -218,13 +211,7 @@ def rank_checks(rank, world_size, only=None):
         def counted(engine, mb):
             calls[0] += 1
             return zc.loss_fn(engine, mb)
-        if name == "rho0":
-            engine, *_ = fsam_ds.initialize(model=model, config=config, model_parameters=zc.param_groups(model))
-        else:
-            del config["optimizer"]
-            config["zero_allow_untested_optimizer"] = True
-            engine, *_ = deepspeed.initialize(model=model, config=config,
-                                              optimizer=torch.optim.AdamW(zc.param_groups(model), **zc.ADAMW))
+        engine = zc.build_engine(model, config, fsam=name == "rho0")
         torch.manual_seed(1 + rank)
         for batch in zc.global_batches(4):
             mbs = zc.micro_batches(batch, rank, world_size)

@@ -118,21 +118,26 @@ def full_weights_of(model):
     return {n: p.detach().float().clone() for n, p in model.named_parameters()}
 
 
+def build_engine(model, config, fsam: bool):
+    """fsam_ds.initialize, or (fsam=False) plain DeepSpeed with torch AdamW on the same groups."""
+    import deepspeed
+    import fsam_ds
+    if fsam:
+        return fsam_ds.initialize(model=model, config=config, model_parameters=param_groups(model))[0]
+    opt = torch.optim.AdamW(param_groups(model), **ADAMW)
+    config = {k: v for k, v in config.items() if k != "optimizer"}
+    config["zero_allow_untested_optimizer"] = True
+    config["zero_force_ds_cpu_optimizer"] = False
+    return deepspeed.initialize(model=model, optimizer=opt, config=config)[0]
+
+
 def run_fsam_case(rank, world_size, case):
     """Train one case for case['steps'] FSAM steps; returns weights, losses and mask counts."""
-    import deepspeed
     import fsam_ds
     model = make_model(case.get("model", "padded"))
     config = ds_config(case["stage"], world_size, case.get("fsam"), case.get("dtype", "fp32"),
                        case.get("offload", False), clip=case.get("clip"))
-    if case.get("fsam") is None:   # plain DeepSpeed with the base optimizer, for rho = 0 checks
-        opt = torch.optim.AdamW(param_groups(model), **ADAMW)
-        del config["optimizer"]
-        config["zero_allow_untested_optimizer"] = True
-        config["zero_force_ds_cpu_optimizer"] = False
-        engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=config)
-    else:
-        engine, *_ = fsam_ds.initialize(model=model, config=config, model_parameters=param_groups(model))
+    engine = build_engine(model, config, fsam=case.get("fsam") is not None)
     losses, stats = [], []
     for step, batch in enumerate(global_batches(case["steps"])):
         mbs = micro_batches(batch, rank, world_size)
