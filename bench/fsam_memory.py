@@ -11,8 +11,9 @@ padding excluded: the elements FSAM sees):
 
   persistent_bytes         engine._fsam.state_bytes() after a step: the masks kept between steps
   captured_grad_bytes      the first-pass gradient copies FSAM holds from the first-pass optimizer
-                           step until the perturbation is applied (read from the optimizer;
-                           0 where fsam_ds keeps references instead of copies)
+                           step until the perturbation is applied (0 where fsam_ds keeps
+                           references, or derives each gradient from DeepSpeed's partitions when
+                           it reads it: the lean first pass at ZeRO-1/2/3 without offload)
   saved_bytes              original values kept while perturbed (the masked elements only)
   perturb_phase_peak       max_memory_allocated during FSAM's perturb_captured() minus what was
                            allocated when it began: the norm, and on refresh steps the scores,
@@ -79,8 +80,10 @@ class PerturbPhaseProbe:
         copied = not fsam.view.grads_outlive_step
         record = {"refresh": fsam.num_steps % fsam.config.mask_interval == 0,
                   "captured_grads_copied": copied,
-                  "captured_grad_bytes": sum(s.grad.numel() * s.grad.element_size() for s in slots)
-                  if copied else 0}
+                  # a callable gradient is derived from DeepSpeed's own partitions when read (the
+                  # lean first pass): its transient shows in perturb_phase_peak instead
+                  "captured_grad_bytes": sum(s.grad.numel() * s.grad.element_size() for s in slots
+                                             if not callable(s.grad)) if copied else 0}
         benchlib.sync(rt)
         record["peak_before_phase"] = benchlib.peak_bytes(rt)
         start = benchlib.allocated_bytes(rt)

@@ -5,7 +5,7 @@
 
 Each variant (as in step_time.py) is built fresh, warmed up, then --steps steps run under
 torch.profiler (CPU and CUDA activities). Reported per variant, per step, rank 0:
-  - the named ranges fsam_ds marks (fsam.first_pass, fsam.first_pass_optimizer_step,
+  - the named ranges fsam_ds marks (fsam.first_pass, fsam.first_pass_gradients,
     fsam.perturb with fsam.norm / fsam.refresh_threshold / fsam.refresh_mask /
     fsam.apply_perturbation inside it, fsam.publish, fsam.second_pass with fsam.restore and
     fsam.base_step inside it), and for the AdamW baseline the same split of its one pass

@@ -5,7 +5,10 @@ themselves, once per param group or sub-group, with reduced, unscaled, clipped f
 client's step() therefore only does what `fsam_ds.train_step` has put it in the mode for:
 
   setup     during DeepSpeed's construction (wrappers take a zero-gradient step): base step
-  capture   first pass: keep the (tensor, gradient) pairs; FSAMCore perturbs after all groups
+  capture   first pass, where the adapter has no lean path (stage 0, BF16_Optimizer, offload):
+            keep the (tensor, gradient) pairs; FSAMCore perturbs after all groups. ZeRO-1/2/3
+            without offload skip the wrapper's step in the first pass altogether
+            (deepspeed_adapter.EngineView.first_pass_gradients)
   restore   second pass: restore this group's tensors bit-exactly, then the base step
   plain     a step without perturbation (rho 0, interval mode): base step
   idle      anything else: an error, never a silent base step. The adapter also guards the

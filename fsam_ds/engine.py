@@ -243,26 +243,36 @@ def train_step(engine, loss_fn, micro_batches) -> float:
             if i < gas - 1:
                 engine.step()   # not a boundary: only advances DeepSpeed's micro-step counter
     scale_before = view.loss_scale_snapshot()
+
+    def captured_by_wrapper_step():
+        # the wrapper's whole step, the client capturing its (reduced, clipped) gradients
+        with client.in_mode(CAPTURE):
+            engine.optimizer.step()
+        captured = client.take_captured()
+        return None if getattr(engine.optimizer, "overflow", False) else captured
+
     try:
-        with client.in_mode(CAPTURE), _region("fsam.first_pass_optimizer_step"):
-            overflow = view.first_pass_optimizer_step()
-        if overflow:
+        with _region("fsam.first_pass_gradients"):
+            first = view.first_pass_gradients(captured_by_wrapper_step)
+        if first.overflow:
             # inf/NaN in the first-pass gradients (fp16 overflow, or non-finite in bf16/fp32): the
             # wrapper skipped and lowered the loss scale once. The whole FSAM step is skipped, as
             # DeepSpeed skips a plain step: w untouched, the step counted as skipped.
-            client.take_captured()
+            view.end_first_pass()
             view.record_skipped_step()
-            first, = _group_mean([first_losses], loss_group)
-            core.last_stats = {**core.last_stats, "loss": first, "skipped": True,
+            first_loss, = _group_mean([first_losses], loss_group)
+            core.last_stats = {**core.last_stats, "loss": first_loss, "skipped": True,
                                "grad_norm": float("inf")}
-            return first
+            return first_loss
         scale_before.restore()   # the second pass's engine.step() makes this step's one update
         # 2. the step plan, the mask if due, e on the local shards; DeepSpeed publishes them
         with _region("fsam.perturb"):
-            core.perturb(client.take_captured(), adam_state=lambda w: client.state.get(w, {}),
-                         reported_grad_norm=view.first_pass_grad_norm())
+            core.perturb(first.slots, adam_state=lambda w: client.state.get(w, {}),
+                         reported_grad_norm=first.grad_norm)
+        del first
         with _region("fsam.publish"):
             view.publish_master_weights()
+        view.end_first_pass()
         # 3. second pass at w + e; the engine's step restores w and takes the base step
         with client.in_mode(RESTORE), _region("fsam.second_pass"):
             second_losses = _pass_with_steps(engine, loss_fn, micro_batches)
@@ -275,10 +285,10 @@ def train_step(engine, loss_fn, micro_batches) -> float:
     skipped = bool(getattr(engine.optimizer, "overflow", False))
     core.finish_step(base_stepped=not skipped)
     view.link_optimizer_state()
-    first, second = _group_mean([first_losses, second_losses], loss_group)
-    core.last_stats.update(loss=first, perturbed_loss=second, sharpness=second - first,
+    first_loss, second = _group_mean([first_losses, second_losses], loss_group)
+    core.last_stats.update(loss=first_loss, perturbed_loss=second, sharpness=second - first_loss,
                            skipped=skipped)
-    return first
+    return first_loss
 
 
 def _pass_with_steps(engine, loss_fn, micro_batches) -> list:
@@ -318,6 +328,7 @@ def _abandon_step(engine, view, client, micro_steps_after: int) -> None:
     try:
         if client.core.restore_all():
             view.publish_master_weights()
+        view.discard_first_pass()
         engine.optimizer.zero_grad()
         engine.micro_steps = micro_steps_after
     finally:

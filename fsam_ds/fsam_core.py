@@ -36,11 +36,17 @@ _region = torch.profiler.record_function   # named ranges for bench/profile_step
 
 @dataclass(frozen=True)
 class Slot:
-    """One tensor the base optimizer updates on this rank, with its first-pass gradient."""
+    """One tensor the base optimizer updates on this rank, with its first-pass gradient: a tensor,
+    or a function that derives it afresh at each use (the DeepSpeed adapter's ZeRO-3 gradients,
+    which are not held between uses: holding every sub-group's fp32 gradient until the
+    perturbation cost 4 bytes per local parameter)."""
     key: tuple
     weight: torch.Tensor
-    grad: torch.Tensor
+    grad: object          # torch.Tensor, or a zero-argument callable returning one
     layout: ShardLayout
+
+    def gradient(self) -> torch.Tensor:
+        return self.grad() if callable(self.grad) else self.grad
 
 
 @dataclass(frozen=True)
@@ -93,13 +99,13 @@ class FSAMCore:
         for slot in slots:
             self._adopt_loaded_mask(slot)
         # 1. local sums
-        device = slots[0].grad.device
+        device = slots[0].weight.device
         local = torch.zeros(6, dtype=torch.float64, device=device)
         missing = [s for s in slots if not self._mask_usable(s)]
         with _region("fsam.norm"):
             for slot in slots:
                 mask = None if missing else self.masks[slot.key]
-                local[:2] += fisher_math.norm_sq_terms(slot.weight, slot.grad, slot.layout.valid,
+                local[:2] += fisher_math.norm_sq_terms(slot.weight, slot.gradient(), slot.layout.valid,
                                                        mask, cfg.adaptive).double()
         wants_state = cfg.fisher == "exp_avg_sq"
         lacking_state = sum(1 for s in slots if not wants_state or adam_state is None
@@ -129,7 +135,7 @@ class FSAMCore:
             self.last_refresh_window = self.num_steps // cfg.mask_interval
             sums = torch.zeros(1, dtype=torch.float64, device=device)
             for slot in slots:
-                sums += fisher_math.norm_sq_terms(slot.weight, slot.grad, (), self.masks[slot.key],
+                sums += fisher_math.norm_sq_terms(slot.weight, slot.gradient(), (), self.masks[slot.key],
                                                   cfg.adaptive)[1].double()
             masked_norm_sq = float(collectives.all_reduce_sum_(sums, self.process_group)[0])
         # 4. perturb the masked elements, originals saved for restore
@@ -137,7 +143,7 @@ class FSAMCore:
         with _region("fsam.apply_perturbation"):
             for slot in slots:
                 self.saved[slot.key] = (slot.weight, fisher_math.perturb_(
-                    slot.weight, slot.grad, self.masks[slot.key], scale, cfg.adaptive))
+                    slot.weight, slot.gradient(), self.masks[slot.key], scale, cfg.adaptive))
         stats.update(refreshed=plan.refresh, perturb_scale=scale,
                      grad_norm=grad_norm if reported_grad_norm is None else reported_grad_norm,
                      perturbation_norm=scale * math.sqrt(max(0.0, masked_norm_sq)))
@@ -199,14 +205,21 @@ class FSAMCore:
         a 4-byte score per element. A chunk gathers many ranked ranges (a ZeRO partition has ~4 per
         transformer layer) up to CHUNK_NUMEL elements: per-range chunks made the refresh
         launch-bound."""
-        sources = [(adam_state(s.weight)["exp_avg_sq"] if use_adam_state else s.grad).detach().reshape(-1)
-                   for s in slots]
+        def source(slot):
+            return (adam_state(slot.weight)["exp_avg_sq"] if use_adam_state else
+                    slot.gradient()).detach().reshape(-1)
         windows = [(i, pieces) for i, s in enumerate(slots)
                    for pieces in _windows(s.layout.ranked, CHUNK_NUMEL)]
 
         def chunks():
+            # one slot's source alive at a time (windows run in slot order): a derived gradient
+            # is made once per slot and read, not held for the whole refresh
+            current, values_of = None, None
             for i, pieces in windows:
-                parts = [sources[i][start:end] for start, end in pieces]
+                if i != current:
+                    current, values_of = i, None
+                    values_of = source(slots[i])
+                parts = [values_of[start:end] for start, end in pieces]
                 values = parts[0] if len(parts) == 1 else torch.cat(parts)
                 yield i, pieces, (values.float() if use_adam_state else
                                   fisher_math.fisher_scores(values))

@@ -224,6 +224,30 @@ def rank_checks(rank, world_size, only=None):
         dropout[name] = {"weights": zc.full_weights(engine), "calls": calls[0]}
     out["dropout"] = dropout
 
+    # the lean first pass: at ZeRO-2/3 without offload the wrapper's step runs once per FSAM step
+    # (the second pass's); ZeRO-3 hands FSAM gradients derived when read, none held. Offload keeps
+    # the wrapper's step in the first pass too.
+    lean = {}
+    for key, stage, offload in (("z2", 2, False), ("z3", 3, False), ("z2_offload", 2, True)):
+        model = zc.make_model()
+        engine, *_ = fsam_ds.initialize(model=model, config=zc.ds_config(stage, world_size, FSAM, offload=offload),
+                                        model_parameters=zc.param_groups(model))
+        opt, record = engine.optimizer, {"wrapper_steps": 0, "held": []}
+        wrapper_step, perturb = opt.step, engine._fsam.core.perturb
+
+        def counted_step(*a, _step=wrapper_step, _rec=record, **k):
+            _rec["wrapper_steps"] += 1
+            return _step(*a, **k)
+
+        def recorded_perturb(slots, *a, _perturb=perturb, _rec=record, **k):
+            _rec["held"].append([not callable(s.grad) for s in slots])
+            return _perturb(slots, *a, **k)
+        opt.step, engine._fsam.core.perturb = counted_step, recorded_perturb
+        for batch in zc.global_batches(2):
+            fsam_ds.train_step(engine, zc.loss_fn, zc.micro_batches(batch, rank, world_size))
+        lean[key] = record
+    out["lean"] = lean
+
     # non-finite gradients: in the first pass of step 1 and the second pass of step 2. ZeRO finds
     # the non-finite norm and skips; FSAM must skip the whole step and leave w exactly as it was.
     model = zc.make_model()
@@ -377,6 +401,15 @@ def test_reported_signals_are_equal_on_every_rank_and_the_norm_is_unclipped():
     assert norm > 0.01
     assert abs(clipped["grad_norm"] - norm) < 1e-5 * norm
     assert abs(clipped["loss"] - loss.item()) < 1e-6
+
+
+def test_lean_first_pass_skips_the_wrappers_step_and_holds_no_zero3_gradient():
+    lean = results()[0]["lean"]
+    assert lean["z2"]["wrapper_steps"] == 2 and lean["z3"]["wrapper_steps"] == 2
+    assert lean["z2_offload"]["wrapper_steps"] == 4          # no lean path with offload
+    # every ZeRO-3 sub-group (several: sub_group_size 100) derived when read
+    assert len(lean["z3"]["held"]) == 2 and all(len(h) > 1 and not any(h) for h in lean["z3"]["held"])
+    assert all(h and all(h) for h in lean["z2_offload"]["held"])
 
 
 def test_nonfinite_gradients_in_either_pass_skip_the_step_and_leave_the_weights():
