@@ -2,12 +2,16 @@
 
   python experiments/report.py --results outputs/study/results.jsonl            # -> experiments/RESULTS.md
   python experiments/report.py --results $OUT/results.jsonl --out $OUT/RESULTS.md --plots_dir $OUT/plots
+  python experiments/report.py --results R.jsonl --section interval --out INTERVAL.md \
+      [--reference experiments/study_2026-11-28/results.jsonl] [--insert_into RESULTS.md]
 
 Sections: run status; the grid (validation only) and the chosen hyper-parameters; test accuracy and
 macro-F1, mean +- sample std over seeds, per task, setting and optimizer; paired differences
 FSAM-SAM, SAM-AdamW and FSAM-AdamW over seeds (same seed = same classifier-head init, data order and
 dropout) with a two-sided paired t-test and an exact sign test (Holm-adjusted t-test p over the
-cells of each comparison); cost per optimizer (wall seconds per run, train ms per step). Plots:
+cells of each comparison); cost per optimizer (wall seconds per run, train ms per step); the
+interval-mode section (study.py --phase interval: FSAM with "sam_interval" N next to AdamW and SAM,
+test accuracy with its cost per step), alone with --section interval. Plots:
 plots/seed_spread.png (test accuracy of every seed) and plots/loss_curves.png (training loss of one
 seed per optimizer). scipy is used when importable; otherwise the t distribution comes from the
 regularised incomplete beta function below (checked against scipy).
@@ -208,6 +212,327 @@ def plot_loss_curves(seeds, tasks, settings, path):
     plt.close(fig)
 
 
+# ------------------------------------------------------------------------------------------ interval mode
+def variant_key(rec):
+    """("adamw", None) | ("sam", None) | ("fsam", N)."""
+    return rec["optimizer"], (rec.get("sam_interval") or 1) if rec["optimizer"] == "fsam" else None
+
+
+def variant_label(key):
+    opt, n = key
+    return OPT_LABEL[opt] if n is None else f"FSAM N={n}"
+
+
+def concurrency(rec, all_records):
+    """Mean number of runs (this one included) that were running during this run's wall interval,
+    from the scheduler's start times and wall seconds: the sharing each timing was measured under."""
+    start, wall = rec.get("started_at"), rec.get("wall_seconds")
+    if start is None or not wall:
+        return None
+    end, overlap = start + wall, 0.0
+    for other in all_records:
+        s0, w0 = other.get("started_at"), other.get("wall_seconds")
+        if s0 is None or not w0 or other.get("gpu") != rec.get("gpu"):
+            continue
+        overlap += max(0.0, min(end, s0 + w0) - max(start, s0))
+    return overlap / wall
+
+
+def _pp(x):
+    return f"{100 * x:+.2f}"
+
+
+def _diff_cell(diffs):
+    """Mean ± sd of paired differences in pp, and the paired t-test p."""
+    if not diffs:
+        return "n/a", None
+    t = paired_t(diffs)
+    cell = f"{100 * statistics.fmean(diffs):+.2f}" + (f" ± {100 * statistics.stdev(diffs):.2f}" if len(diffs) > 1 else "")
+    return cell, (t[1] if t else None)
+
+
+def _paired(a_runs, b_runs, metric="test"):
+    A = {r["seed"]: r[metric]["accuracy"] for r in a_runs}
+    B = {r["seed"]: r[metric]["accuracy"] for r in b_runs}
+    return [A[s] - B[s] for s in sorted(set(A) & set(B))]
+
+
+def _verdict(diffs, what):
+    """One clause on a paired difference: its size and whether 3-ish seeds separate it from 0."""
+    if not diffs:
+        return f"{what}: no paired seeds"
+    mean = 100 * statistics.fmean(diffs)
+    t = paired_t(diffs)
+    p = t[1] if t else None
+    wins, losses, ties = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs), sum(d == 0 for d in diffs)
+    seeds = f"{wins} of {len(diffs)} seed{'s' if len(diffs) != 1 else ''} higher, {losses} lower" + (f", {ties} equal" if ties else "")
+    if p is not None and p < 0.05:
+        return f"{what} {mean:+.2f} pp ({seeds}; paired t p = {fmt_p(p)}, a difference at this seed count)"
+    return (f"{what} {mean:+.2f} pp ({seeds}; paired t p = {fmt_p(p)}: not distinguishable from 0 with "
+            f"{len(diffs)} seed{'s' if len(diffs) != 1 else ''})")
+
+
+def plot_interval(cells, settings, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(settings), squeeze=False, figsize=(4.2 * len(settings), 3.4))
+    colors = {"adamw": "tab:gray", "sam": "tab:blue", "fsam": "tab:red"}
+    for j, setting in enumerate(settings):
+        ax = axes[0][j]
+        base = cells.get((setting, ("adamw", None)))
+        base_step = statistics.fmean(r["step_seconds_mean"] for r in base) if base else None
+        for key, runs in sorted(((k[1], v) for k, v in cells.items() if k[0] == setting),
+                                key=lambda kv: (OPT_ORDER.index(kv[0][0]), kv[0][1] or 0)):
+            steps = [r["step_seconds_mean"] for r in runs if r.get("step_seconds_mean")]
+            if not steps:
+                continue
+            x = statistics.fmean(steps) / base_step if base_step else statistics.fmean(steps)
+            accs = [100 * r["test"]["accuracy"] for r in runs]
+            ax.scatter([x] * len(accs), accs, s=12, alpha=0.5, color=colors[key[0]])
+            ax.errorbar([x], [statistics.fmean(accs)], yerr=[statistics.stdev(accs) if len(accs) > 1 else 0],
+                        fmt="o", color=colors[key[0]], capsize=3, markersize=5)
+            ax.annotate(variant_label(key), (x, statistics.fmean(accs)), textcoords="offset points",
+                        xytext=(5, 4), fontsize=7)
+        ax.set_xlabel("mean step time / AdamW's" if base_step else "mean step time (s)", fontsize=8)
+        ax.set_title(f"{setting}", fontsize=9)
+        if j == 0:
+            ax.set_ylabel("test accuracy (%)")
+        ax.grid(alpha=0.3)
+    fig.suptitle("Interval mode: test accuracy (seeds and mean ± std) against the cost per step", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def interval_section(records, meta=None, reference=None, plots_dir=None, out_dir="."):
+    """The "Interval mode" section (markdown lines) from the interval-phase records; [] when none."""
+    runs_all = [r for r in records if r.get("phase") == "interval"]
+    if not runs_all:
+        return []
+    n_fill = sum(1 for r in records if r.get("phase") == "filler" and r.get("started_at"))
+    ok = [r for r in runs_all if r.get("status") == "ok"]
+    tasks = ordered({r["task"] for r in runs_all}, TASK_ORDER)
+    settings = ordered({r["setting"] for r in runs_all}, SETTING_ORDER)
+    variants = sorted({variant_key(r) for r in runs_all}, key=lambda k: (OPT_ORDER.index(k[0]), k[1] or 0))
+    L = ["## Interval mode: cost and accuracy side by side", ""]
+    status = defaultdict(int)
+    for r in runs_all:
+        status[r.get("status")] += 1
+    a = (meta or {}).get("args", {})
+    fsam_hp = next((r for r in ok if r["optimizer"] == "fsam"), None)
+    sam_hp = next((r for r in ok if r["optimizer"] == "sam"), None)
+    any_run = ok[0] if ok else runs_all[0]
+    L.append(
+        f"`study.py --phase interval`: {', '.join(tasks)}, all-MiniLM-L6-v2, AdamW, SAM"
+        + (f" (rho {sam_hp['rho']:g}, sparsity 0)" if sam_hp else "")
+        + " and FSAM" + (f" (rho {fsam_hp['rho']:g}, sparsity {fsam_hp['sparsity']:g}, mask_interval "
+                         f"{', '.join(sorted({str(r['mask_interval']) for r in ok if r['optimizer'] == 'fsam'}))})"
+                         if fsam_hp else "")
+        + " with `\"sam_interval\": N`: the two-pass FSAM step on every N-th optimizer step, one plain AdamW "
+        f"step otherwise (N=1 is plain FSAM). lr {any_run['lr']:g}, batch {any_run['batch_size']}, "
+        "the 150-target-steps rule and the earlier study's hyper-parameters for movie_reviews. "
+        f"Runs: {status['ok']} ok" + "".join(f", {v} {k}" for k, v in sorted(status.items()) if k != "ok") + "."
+        + (f" {n_fill} filler run(s) (copies under other seeds, not results) kept the free slots busy while the "
+           "last runs finished, and were stopped when the last one ended." if n_fill else "")
+        + (f" Measured on {a.get('gpus')} GPU with {a.get('procs_per_gpu')} runs sharing it "
+           f"(mode {a.get('mode')}, {a.get('precision')}, ZeRO-{a.get('zero_stage')}); study wall "
+           f"{meta.get('elapsed_s', 0):.0f} s." if meta and a.get("gpus") else
+           (" Measured on the CPU (a smoke run: the numbers say nothing about the method)." if meta else "")))
+    L += ["", "Test and validation accuracy in %, mean ± sample std over seeds. Δ: paired by seed, in "
+          "percentage points (p: two-sided paired t-test). Step time: train.py's wall seconds per optimizer "
+          "step (batch, forward/backward passes, optimizer step, loss gather; evaluations excluded), averaged "
+          "over the run and then over seeds; × AdamW divides by AdamW's mean step time in the same study and "
+          "setting. Perturbed: two-pass steps / all steps. Sharing: mean number of runs on the same GPU "
+          "during the run (itself included), the load each timing was measured under.", ""]
+    cells = defaultdict(list)
+    for r in ok:
+        cells[(r["task"], r["setting"], variant_key(r))].append(r)
+    summary = {}
+    L += ["| task | setting | n train | variant | seeds | test acc | val acc | Δ test vs AdamW | Δ test vs FSAM N=1 "
+          "| step ms | × AdamW | perturbed | sharing |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for task in tasks:
+        for setting in settings:
+            base = cells.get((task, setting, ("adamw", None)), [])
+            fsam1 = cells.get((task, setting, ("fsam", 1)), [])
+            base_step = statistics.fmean(r["step_seconds_mean"] for r in base) if base else None
+            for key in variants:
+                runs = sorted(cells.get((task, setting, key), []), key=lambda r: r["seed"])
+                if not runs:
+                    L.append(f"| {task} | {setting} | | {variant_label(key)} | 0 | n/a | n/a | | | | | | |")
+                    continue
+                steps = [r["step_seconds_mean"] for r in runs if r.get("step_seconds_mean") is not None]
+                step = statistics.fmean(steps) if steps else None
+                ratio = step / base_step if step and base_step else None
+                frac = statistics.fmean((r.get("perturbed_steps") or 0) / max(1, r.get("steps_done") or r["steps"])
+                                        for r in runs)
+                share = [c for c in (concurrency(r, records) for r in runs) if c is not None]
+                d_base = _paired(runs, base) if key != ("adamw", None) else []
+                d_f1 = _paired(runs, fsam1) if key != ("fsam", 1) else []
+                c_base, p_base = _diff_cell(d_base)
+                c_f1, p_f1 = _diff_cell(d_f1)
+                summary[(task, setting, key)] = {"runs": runs, "step": step, "ratio": ratio, "frac": frac,
+                                                 "d_base": d_base, "d_f1": d_f1, "share": share}
+                L.append(f"| {task} | {setting} | {runs[0]['n_train']} | {variant_label(key)} | {len(runs)} | "
+                         f"{mean_std([r['test']['accuracy'] for r in runs])} | "
+                         f"{mean_std([r['validation']['accuracy'] for r in runs])} | "
+                         + (f"{c_base} (p {fmt_p(p_base)})" if d_base else "") + " | "
+                         + (f"{c_f1} (p {fmt_p(p_f1)})" if d_f1 else "") + " | "
+                         + (f"{1000 * step:.1f}" if step else "n/a") + " | "
+                         + (f"{ratio:.2f}" if ratio else "n/a") + f" | {100 * frac:.0f}% | "
+                         + (f"{statistics.fmean(share):.1f}" if share else "n/a") + " |")
+    L.append("")
+
+    # -- the reading: sentences built from the numbers above, nothing decided in advance
+    L += ["**Reading.** " + interval_reading(summary, tasks, settings, variants), ""]
+
+    if reference:
+        L += reference_check(cells, reference, tasks, settings)
+    if plots_dir and ok:
+        path = os.path.join(plots_dir, "interval_tradeoff.png")
+        try:
+            os.makedirs(plots_dir, exist_ok=True)
+            plot_interval({(k[1], k[2]): v for k, v in cells.items() if k[0] == tasks[0]}, settings, path)
+            L += [f"![interval mode: accuracy against cost]({os.path.relpath(path, out_dir)})", ""]
+        except Exception as err:  # noqa: BLE001 - a plot must not cost the section
+            L += [f"(plot skipped: {type(err).__name__}: {err})", ""]
+    return L
+
+
+def interval_reading(summary, tasks, settings, variants):
+    """One paragraph that states what the interval table says: per setting, the cost of each N
+    against AdamW and against the 1 + (r1 - 1)/N that plain steps at AdamW's cost would give, and
+    each N's test accuracy against N=1 and AdamW with the paired evidence; then what that amounts to."""
+    parts = []
+    intervals = sorted(n for opt, n in variants if opt == "fsam" and n and n > 1)
+    seed_counts = set()
+    for task in tasks:
+        for setting in settings:
+            one = summary.get((task, setting, ("fsam", 1)))
+            base = summary.get((task, setting, ("adamw", None)))
+            sam = summary.get((task, setting, ("sam", None)))
+            if not one or not base:
+                parts.append(f"{task}/{setting}: AdamW or FSAM N=1 has no finished runs, so no comparison.")
+                continue
+            seed_counts.update(len(v["runs"]) for k, v in summary.items() if k[:2] == (task, setting))
+            acc = lambda v: 100 * statistics.fmean(r["test"]["accuracy"] for r in v["runs"])  # noqa: E731
+            sd1 = 100 * statistics.stdev([r["test"]["accuracy"] for r in one["runs"]]) if len(one["runs"]) > 1 else None
+            s = [f"*{task} / {setting}* (test acc: AdamW {acc(base):.2f}"
+                 + (f", SAM {acc(sam):.2f}" if sam else "") + f", FSAM N=1 {acc(one):.2f}"
+                 + (f" ± {sd1:.2f}" if sd1 is not None else "") + "):"]
+            r1 = one["ratio"]
+            cost = []
+            if r1:
+                cost.append(f"FSAM N=1 costs {r1:.2f}× AdamW per step")
+            if sam and sam["ratio"]:
+                cost.append(f"SAM {sam['ratio']:.2f}×")
+            for n in intervals:
+                v = summary.get((task, setting, ("fsam", n)))
+                if not v:
+                    cost.append(f"N={n} has no finished runs")
+                    continue
+                if v["ratio"] and r1:
+                    expected = 1 + (r1 - 1) / n
+                    saved = (r1 - v["ratio"]) / (r1 - 1) if r1 > 1 else None
+                    cost.append(f"N={n} {v['ratio']:.2f}× ({100 * v['frac']:.0f}% of steps perturbed; "
+                                f"{expected:.2f}× if its plain steps cost what AdamW's do"
+                                + (f"; it removes {100 * saved:.0f}% of N=1's extra cost over AdamW" if saved is not None else "")
+                                + ")")
+            s.append("; ".join(cost) + ".")
+            acc_parts = []
+            for n in intervals:
+                v = summary.get((task, setting, ("fsam", n)))
+                if not v:
+                    continue
+                acc_parts.append(f"N={n} reaches {acc(v):.2f}: " + _verdict(v["d_f1"], "vs N=1") + "; "
+                                 + _verdict(v["d_base"], "vs AdamW"))
+            if sam:
+                acc_parts.append("FSAM N=1 " + _verdict(one["d_base"], "vs AdamW") + "; SAM " + _verdict(sam["d_base"], "vs AdamW"))
+            s.append(" ".join(p + "." for p in acc_parts))
+            parts.append(" ".join(s))
+    # what it amounts to, from the same numbers: does an N keep N=1's accuracy (no paired difference
+    # at p < 0.05 and a mean within N=1's seed std) while costing less?
+    verdicts = []
+    for n in intervals:
+        kept, cheaper, cells_n = 0, 0, 0
+        for task in tasks:
+            for setting in settings:
+                one = summary.get((task, setting, ("fsam", 1)))
+                v = summary.get((task, setting, ("fsam", n)))
+                if not one or not v or not v["d_f1"]:
+                    continue
+                cells_n += 1
+                t = paired_t(v["d_f1"])
+                sd1 = statistics.stdev([r["test"]["accuracy"] for r in one["runs"]]) if len(one["runs"]) > 1 else 0.0
+                if (t is None or t[1] >= 0.05) and abs(statistics.fmean(v["d_f1"])) <= sd1:
+                    kept += 1
+                if v["ratio"] and one["ratio"] and v["ratio"] < one["ratio"]:
+                    cheaper += 1
+        if cells_n:
+            verdicts.append(f"N={n} is cheaper per step than N=1 in {cheaper} of {cells_n} settings and its test "
+                            f"accuracy stays within N=1's seed spread (no paired difference at p < 0.05, mean Δ no "
+                            f"larger than N=1's seed std) in {kept} of {cells_n}")
+    if verdicts:
+        n_seeds = ", ".join(str(k) for k in sorted(seed_counts)) or "?"
+        parts.append("Taken together: " + "; ".join(verdicts) + f". With {n_seeds} seed(s) per cell only differences "
+                     "of roughly a seed standard deviation or more can show up at all; a difference not detected "
+                     "here is not shown to be absent.")
+    return " ".join(parts)
+
+
+def reference_check(cells, reference, tasks, settings):
+    """The runs that repeat cells of an earlier study (its seeds phase: AdamW, SAM, FSAM at the same
+    seeds and hyper-parameters; FSAM N=1 is its FSAM): test accuracy then and now, and how many
+    seeds reproduced it exactly."""
+    ref = defaultdict(dict)
+    for r in reference:
+        if r.get("phase") == "seeds" and r.get("status") == "ok":
+            ref[(r["task"], r["setting"], r["optimizer"], r.get("rho"), r.get("sparsity"))][r["seed"]] = r
+    rows = []
+    for task in tasks:
+        for setting in settings:
+            for key in (("adamw", None), ("sam", None), ("fsam", 1)):
+                runs = cells.get((task, setting, key), [])
+                if not runs:
+                    continue
+                old = ref.get((task, setting, key[0], runs[0].get("rho"), runs[0].get("sparsity")), {})
+                pairs = [(r, old[r["seed"]]) for r in runs if r["seed"] in old]
+                # only a run of the same length repeats the cell (a smoke run's few steps do not)
+                pairs = [(r, o) for r, o in pairs if (r.get("steps_done") or r["steps"]) == (o.get("steps_done") or o["steps"])
+                         and r.get("n_train") == o.get("n_train")]
+                if not pairs:
+                    continue
+                same = sum(abs(a["test"]["accuracy"] - b["test"]["accuracy"]) < 1e-12 for a, b in pairs)
+                d = [a["test"]["accuracy"] - b["test"]["accuracy"] for a, b in pairs]
+                rows.append(f"| {task} | {setting} | {variant_label(key)} | {len(pairs)} | "
+                            f"{mean_std([b['test']['accuracy'] for _, b in pairs])} | "
+                            f"{mean_std([a['test']['accuracy'] for a, _ in pairs])} | {_diff_cell(d)[0]} | {same} |")
+    if not rows:
+        return []
+    return ["Repeat check: these cells were also run by the earlier study (seeds phase, same seeds and "
+            "hyper-parameters, 4 GPUs with 4 runs each). Test accuracy then and now over the common seeds:", "",
+            "| task | setting | variant | seeds | then | now | Δ now − then (pp) | identical seeds |",
+            "|---|---|---|---|---|---|---|---|"] + rows + [""]
+
+
+def insert_section(path, section_lines):
+    """Put the section into an existing RESULTS.md: replace an earlier "## Interval mode" section
+    (up to the next "## " heading), else insert it before "## Notes", else append it."""
+    with open(path) as f:
+        lines = f.read().split("\n")
+    heading = section_lines[0]
+    start = next((i for i, line in enumerate(lines) if line.startswith("## Interval mode")), None)
+    if start is not None:
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        lines[start:end] = section_lines
+    else:
+        at = next((i for i, line in enumerate(lines) if line.strip() == "## Notes"), len(lines))
+        lines[at:at] = section_lines
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+    return heading
+
+
 # ------------------------------------------------------------------------------------------ report
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -216,6 +541,12 @@ def main():
     parser.add_argument("--plots_dir", default=None, help="default: plots/ next to --out")
     parser.add_argument("--meta", default=None, help="study_meta.json (default: next to --results, if any)")
     parser.add_argument("--title", default="Does FSAM generalize better? AdamW vs SAM vs FSAM on all-MiniLM-L6-v2")
+    parser.add_argument("--section", choices=["all", "interval"], default="all",
+                        help="interval: write only the interval-mode section to --out")
+    parser.add_argument("--reference", default=None,
+                        help="an earlier study's results JSONL: the interval section compares the cells both ran")
+    parser.add_argument("--insert_into", default=None,
+                        help="also put the interval section into this RESULTS.md (replacing an earlier one)")
     args = parser.parse_args()
     out_dir = os.path.dirname(os.path.abspath(args.out))
     plots_dir = args.plots_dir or os.path.join(out_dir, "plots")
@@ -223,7 +554,23 @@ def main():
     meta_path = args.meta or os.path.join(os.path.dirname(os.path.abspath(args.results)), "study_meta.json")
     meta = json.load(open(meta_path)) if os.path.isfile(meta_path) else None
 
-    records = load(args.results)
+    all_records = load(args.results)
+    reference = load(args.reference) if args.reference else None
+    section = interval_section(all_records, meta, reference, plots_dir,
+                               os.path.dirname(os.path.abspath(args.insert_into or args.out)))
+    if args.insert_into:
+        if not section:
+            sys.exit(f"error: {args.results} has no interval-phase records to insert")
+        insert_section(args.insert_into, section)
+        print(f"[report] put the interval section into {args.insert_into}")
+    if args.section == "interval":
+        if not section:
+            sys.exit(f"error: {args.results} has no interval-phase records (study.py --phase interval)")
+        with open(args.out, "w") as f:
+            f.write("\n".join(section))
+        print(f"[report] wrote {args.out}")
+        return
+    records = [r for r in all_records if r.get("phase") in ("grid", "seeds")]   # the sections below
     ok = [r for r in records if r.get("status") == "ok"]
     grid = [r for r in ok if r["phase"] == "grid"]
     seed_runs = [r for r in ok if r["phase"] == "seeds"]
@@ -387,6 +734,8 @@ def main():
         rel = os.path.relpath(plots_dir, out_dir)
         L += ["## Plots", "", f"![seed spread]({rel}/seed_spread.png)", "", f"![loss curves]({rel}/loss_curves.png)", ""]
 
+    if section:
+        L += section
     # -- notes
     L += ["## Notes", "",
           "- Splits: launch/prepare_data.py's (random.Random(0), 80/10/10); low-data settings are stratified, "

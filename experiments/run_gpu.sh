@@ -20,6 +20,9 @@
 #   PROCS_PER_GPU       4  concurrent runs per GPU (MiniLM needs ~2-3 GB each)
 #   NGPU                   default: nvidia-smi -L count
 #   MODE           worker  or "process" (one `python launch/train.py` per run; +10-20 s each)
+#   PHASE             all  study.py --phase (experiments/run_interval_gpu.sh sets "interval")
+#   REPORT_NAME RESULTS.md the report's file name in $OUT
+#   REPORT_ARGS            extra report.py arguments, e.g. "--section interval"
 #   STUDY_ARGS             extra study.py arguments, e.g. "--sparsities 0.9" (trim the grid) or
 #                          "--seeds 0 1 2" or "--precision bf16"
 #   ASSETS    study_assets
@@ -37,6 +40,9 @@ REPORT_RESERVE_S="${REPORT_RESERVE_S:-45}"
 GRID_BUDGET_S="${GRID_BUDGET_S:-200}"
 PROCS_PER_GPU="${PROCS_PER_GPU:-4}"
 MODE="${MODE:-worker}"
+PHASE="${PHASE:-all}"
+REPORT_NAME="${REPORT_NAME:-RESULTS.md}"
+REPORT_ARGS="${REPORT_ARGS:-}"
 STUDY_ARGS="${STUDY_ARGS:-}"
 mkdir -p "$OUT" "$WORK"
 
@@ -53,20 +59,21 @@ python3 -c "import torch, transformers, deepspeed, scipy, matplotlib; print('[ru
 '| transformers', transformers.__version__, '| deepspeed', deepspeed.__version__, '| cuda', torch.cuda.is_available(), \
 torch.cuda.device_count(), 'GPUs', torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')" 2>&1 | grep -v WARNING \
   | tee "$OUT/study.log"
-echo "[run_gpu] $NGPU GPUs x $PROCS_PER_GPU runs, mode $MODE, setup took $(( $(date +%s) - T0 )) s" | tee -a "$OUT/study.log"
+echo "[run_gpu] phase $PHASE, $NGPU GPUs x $PROCS_PER_GPU runs, mode $MODE, setup took $(( $(date +%s) - T0 )) s" | tee -a "$OUT/study.log"
 
 nvidia-smi --query-gpu=timestamp,index,utilization.gpu,memory.used --format=csv -l 5 > "$WORK/gpu_util.csv" 2>/dev/null &
 SMI_PID=$!
 DEADLINE=$(( T0 + TOTAL_BUDGET_S - REPORT_RESERVE_S ))
 # shellcheck disable=SC2086
 timeout --signal=TERM --kill-after=20 $(( DEADLINE - $(date +%s) + 30 )) \
-  python3 experiments/study.py --phase all --gpus "$NGPU" --procs_per_gpu "$PROCS_PER_GPU" --mode "$MODE" \
+  python3 experiments/study.py --phase "$PHASE" --gpus "$NGPU" --procs_per_gpu "$PROCS_PER_GPU" --mode "$MODE" \
     --assets "$ASSETS" --out_dir "$WORK" --results "$OUT/results.jsonl" \
     --grid_budget_s "$GRID_BUDGET_S" --deadline "$DEADLINE" $STUDY_ARGS 2>&1 | tee -a "$OUT/study.log"
 kill "$SMI_PID" 2>/dev/null
 
 cp "$WORK/study_meta.json" "$OUT/" 2>/dev/null
+# shellcheck disable=SC2086
 python3 experiments/report.py --results "$OUT/results.jsonl" --meta "$OUT/study_meta.json" \
-  --out "$OUT/RESULTS.md" --plots_dir "$OUT/plots" 2>&1 | tee -a "$OUT/study.log"
+  --out "$OUT/$REPORT_NAME" --plots_dir "$OUT/plots" $REPORT_ARGS 2>&1 | tee -a "$OUT/study.log"
 tar czf "$OUT/run_logs.tar.gz" -C "$WORK" --exclude='*/model' --exclude='*.safetensors' . 2>/dev/null
 echo "[run_gpu] done in $(( $(date +%s) - T0 )) s" | tee -a "$OUT/study.log"

@@ -7,7 +7,7 @@ bbc_news, at the full training split and at 1,000 and 500 training examples.
       --out_dir /tmp/study --results $OUT/results.jsonl --grid_budget_s 200 --budget_s 480
   python experiments/study.py --phase all --gpus 4 --dry_run             # plan + time estimate
 
-Phases (--phase grid | seeds | all):
+Phases (--phase grid | seeds | all | interval):
   grid   full-data setting, one seed (--grid_seed): AdamW at --lr; SAM rho in --rhos; FSAM rho in
          --rhos x sparsity in --sparsities. Chosen per task and optimizer on VALIDATION accuracy
          (ties: macro-F1, then the smaller rho, then the larger sparsity). Test is recorded, never read.
@@ -15,6 +15,17 @@ Phases (--phase grid | seeds | all):
          The choice is read from the grid records in --results (or, in --phase all, as soon as the
          task's grid runs are done: AdamW seed runs, which need no choice, fill the slots meanwhile).
 The low-data settings reuse the full-data choice (no grid of their own: the budget has no room).
+  interval  FSAM's interval mode, cost and accuracy side by side: --interval_tasks (movie_reviews) x
+         --interval_settings (full, 500) x {AdamW, SAM (rho --interval_sam_rho, sparsity 0), FSAM
+         (--default_rho, --default_sparsity) with "sam_interval": N for N in --sam_intervals (1 2 4)}
+         x --interval_seeds (0 1 2) = 30 runs; no grid (the hyper-parameters are the 2026-11-28
+         study's movie_reviews choices: SAM rho 0.01, FSAM rho 0.05 / sparsity 0.9). N = 1 is plain
+         FSAM; with N the two-pass step runs on every N-th step and a plain AdamW step otherwise.
+         Every run records its mean step time (train.py: wall s per optimizer step, evaluations
+         excluded) and its number of perturbed (two-pass) steps.
+
+  python experiments/study.py --phase interval --gpus 1 --procs_per_gpu 4 --out_dir /tmp/study \
+      --results $OUT/results.jsonl --budget_s 330          # experiments/run_interval_gpu.sh
 
 Runs: world size 1, one GPU each, --procs_per_gpu concurrent runs per GPU. --mode worker (default)
 keeps one experiments/multi_run.py process per slot that executes the unmodified launch/train.py
@@ -34,8 +45,11 @@ queued seed-major, so a cut loses the last seeds of every cell rather than whole
 
 Output: one JSON line per run in --results (status ok | failed | timeout | skipped_budget; task,
 setting, optimizer, rho, sparsity, seed, validation/test accuracy and macro-F1, train and wall
-seconds, per-step loss), OUT_DIR/chosen.json, OUT_DIR/study_meta.json. Re-running skips runs
-already recorded "ok" in --results (so an interrupted study resumes).
+seconds, per-step loss, mean and per-step wall s per optimizer step without evaluations, the
+number of perturbed two-pass steps), OUT_DIR/chosen.json, OUT_DIR/study_meta.json. --fill_tail:
+while the last planned runs finish, free slots run "filler" copies (other seeds, stopped when the
+last planned run ends, recorded as phase "filler") so the last runs share the GPU like the rest.
+Re-running skips runs already recorded "ok" in --results (so an interrupted study resumes).
 """
 import argparse
 import json
@@ -66,10 +80,12 @@ def count_rows(path):
 def run_id(run):
     tag = "" if run["optimizer"] == "adamw" else f"-rho{run['rho']:g}" + (
         f"-sp{run['sparsity']:g}" if run["optimizer"] == "fsam" else "")
+    if run["optimizer"] == "fsam" and run.get("sam_interval") is not None:
+        tag += f"-int{run['sam_interval']}"
     return f"{run['phase']}-{run['task']}-{run['setting']}-{run['optimizer']}{tag}-seed{run['seed']}"
 
 
-def make_run(args, phase, task, setting, optimizer, seed, rho=None, sparsity=None):
+def make_run(args, phase, task, setting, optimizer, seed, rho=None, sparsity=None, sam_interval=None):
     n_train = count_rows(os.path.join(args.assets, task, SETTINGS[setting]))
     steps_per_epoch = n_train // args.batch_size
     epochs = max(1, round(args.target_steps / steps_per_epoch))
@@ -82,6 +98,10 @@ def make_run(args, phase, task, setting, optimizer, seed, rho=None, sparsity=Non
            "sparsity": {"adamw": None, "sam": 0.0, "fsam": sparsity}[optimizer],
            "mask_interval": None if optimizer == "adamw" else max(1, round(steps / args.mask_refreshes)),
            "warmup_steps": max(1, round(args.warmup_fraction * steps))}
+    if sam_interval is not None:       # interval phase only: the other phases' run ids stay as they were
+        if optimizer == "adamw":
+            raise ValueError("sam_interval is for SAM/FSAM runs")
+        run["sam_interval"] = sam_interval
     if optimizer != "adamw" and rho is None:
         run["needs_choice"] = True   # rho/sparsity filled from the grid at dispatch time
     else:
@@ -111,6 +131,34 @@ def build_plan(args):
                  for task in args.tasks for setting in args.settings for optimizer in OPTIMIZERS]
         seeds += sorted(batch, key=lambda run: -run["steps"] * (1 if run["optimizer"] == "adamw" else 2))
     return grid, seeds
+
+
+def build_interval_plan(args):
+    """The interval phase, seed-major (a budget cut drops the last seeds of every cell), the most
+    expensive runs first within a seed (cost ~ steps x passes per step)."""
+    bad = [n for n in args.sam_intervals if n < 1]
+    if bad:
+        raise SystemExit(f"error: --sam_intervals {bad}: each must be an integer >= 1")
+    runs = []
+    for seed in args.interval_seeds:
+        batch = []
+        for task in args.interval_tasks:
+            for setting in args.interval_settings:
+                batch.append(make_run(args, "interval", task, setting, "adamw", seed))
+                batch.append(make_run(args, "interval", task, setting, "sam", seed, rho=args.interval_sam_rho,
+                                      sparsity=0.0, sam_interval=1))
+                for n in args.sam_intervals:
+                    batch.append(make_run(args, "interval", task, setting, "fsam", seed, rho=args.default_rho,
+                                          sparsity=args.default_sparsity, sam_interval=n))
+        runs += sorted(batch, key=lambda run: -run["steps"] * passes_per_step(run))
+    return runs
+
+
+def passes_per_step(run):
+    """Forward+backward passes per optimizer step: 1 (AdamW), 2 (SAM/FSAM), 1 + 1/N in interval mode."""
+    if run["optimizer"] == "adamw":
+        return 1.0
+    return 1.0 + 1.0 / (run.get("sam_interval") or 1)
 
 
 def choose(records, task):
@@ -166,6 +214,8 @@ def ds_config_for(args, run):
     else:
         block = cfg.setdefault("fsam", {})
         block.update({"rho": run["rho"], "sparsity": run["sparsity"], "mask_interval": run["mask_interval"]})
+        if run.get("sam_interval") is not None:
+            block["sam_interval"] = run["sam_interval"]
     return cfg
 
 
@@ -202,7 +252,15 @@ def record_from(run, run_dir, outcome, slot):
                     "train_seconds": m.get("train_seconds"), "steps_done": m.get("steps"),
                     "global_batch_size": m.get("global_batch_size"), "labels": m.get("labels"),
                     "fsam_config": m.get("fsam"), "zero_stage": m.get("zero_stage"),
-                    "loss": [h.get("loss") for h in history]})
+                    "loss": [h.get("loss") for h in history],
+                    # wall s per optimizer step without evaluations, and the two-pass steps taken
+                    "step_seconds_mean": m.get("step_seconds_mean"), "perturbed_steps": m.get("perturbed_steps"),
+                    "step_seconds": [round(h["step_seconds"], 5) for h in history if "step_seconds" in h]})
+        cfg_interval = (m.get("fsam") or {}).get("sam_interval")
+        if run.get("sam_interval") is not None and cfg_interval != run["sam_interval"]:
+            rec["status"] = "failed"      # the engine must have run with the planned interval
+            rec["error"] = (f"planned sam_interval {run['sam_interval']} but the engine's fsam config "
+                            f"says {cfg_interval}")
         if run["optimizer"] != "adamw":
             rec["sharpness"] = [h.get("fsam_sharpness") for h in history]
             dens = [h.get("fsam_mask_density") for h in history if h.get("fsam_mask_density") is not None]
@@ -288,6 +346,16 @@ class Slot:
                 pass
             proc.wait()
 
+    def kill_current(self):
+        """End the run in progress (from another thread): its slot thread sees the worker or the
+        child die, records it and carries on."""
+        proc = self.proc if self.args.mode == "worker" else self.child
+        if proc is not None and proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
     def stop_worker(self):
         if self.proc is not None:
             try:
@@ -350,7 +418,9 @@ class Estimator:
         self.ratios = {}
 
     def prior(self, run):
-        return self.overhead_s + run["steps"] * self.step_s[run["optimizer"]]
+        n = run.get("sam_interval") or 1       # interval mode: 1/N two-pass steps, the rest plain
+        per_step = self.step_s[run["optimizer"]] / n + self.step_s["adamw"] * (1 - 1 / n)
+        return self.overhead_s + run["steps"] * per_step
 
     def ratio(self, optimizer):
         own = self.ratios.get(optimizer, [])
@@ -377,6 +447,11 @@ class Scheduler:
             if r["phase"] == "grid":
                 self.grid_tasks_open[r["task"]] = self.grid_tasks_open.get(r["task"], 0) + 1
         self.running = 0
+        self.plan = list(self.pending)               # templates of the tail fillers (--fill_tail)
+        self.fillers = {}                            # slot -> its running filler
+        self.n_fillers = 0
+        self.planned_running = 0
+        self.fillers_done = False                    # set when the last planned run ended
         self.estimator = Estimator(args)
         self.start = time.time()
         self.grid_deadline = self.start + args.grid_budget_s if args.grid_budget_s else float("inf")
@@ -421,11 +496,29 @@ class Scheduler:
                         run = resolve_choice(self.args, run, self.records)
                     self.emit(dict(run, status="skipped_abort", slot=None, gpu=None, error=self.aborted))
 
-    def take(self):
+    def filler(self):
+        """A run that only keeps the GPU as shared as before while the last planned runs finish
+        (--fill_tail): a copy of a planned run under another seed, phase "filler", stopped as soon
+        as no planned run is left. Its record is not a result."""
+        template = self.plan[self.n_fillers % len(self.plan)]
+        self.n_fillers += 1
+        run = dict(template, phase="filler", seed=1000 + self.n_fillers)
+        run.pop("needs_choice", None)
+        if run.get("rho") is None and run["optimizer"] != "adamw":
+            run["rho"], run["sparsity"] = self.args.default_rho, (0.0 if run["optimizer"] == "sam" else self.args.default_sparsity)
+        run["run_id"] = f"filler{self.n_fillers}-" + run_id(run)
+        return run
+
+    def take(self, slot=None):
         """The next run to start (None: nothing left). Skips what cannot finish in time."""
         with self.lock:
             while True:
                 if not self.pending:
+                    if self.args.fill_tail and self.planned_running > 0 and not self.fillers_done:
+                        run = self.filler()
+                        self.running += 1
+                        self.fillers[slot] = run
+                        return run, self.estimator.predict(run)
                     return None
                 now = time.time()
                 for i, run in enumerate(self.pending):
@@ -442,6 +535,7 @@ class Scheduler:
                                        error=f"estimated {est:.0f} s, {self.deadline_of(run) - now:.0f} s left"))
                         break                       # re-scan: emit() may have unblocked runs
                     self.running += 1
+                    self.planned_running += 1
                     return run, est
                 else:
                     if self.running == 0:          # blocked runs with nothing running: cannot happen
@@ -479,16 +573,31 @@ class Scheduler:
     def slot_loop(self, slot):
         try:
             while True:
-                taken = self.take()
+                taken = self.take(slot)
                 if taken is None:
                     return
                 run, est = taken
-                rec = self.execute(slot, run, est)
+                is_filler = run["phase"] == "filler"
+                if is_filler and self.fillers_done:
+                    rec = dict(run, status="filler_stopped", slot=slot.name, gpu=slot.gpu)
+                else:
+                    rec = self.execute(slot, run, est)
                 with self.lock:
                     self.running -= 1
+                    if is_filler:
+                        self.fillers.pop(slot, None)
+                        if rec["status"] != "ok":
+                            rec["status"] = "filler_stopped"
+                        self.emit(rec)
+                        continue
+                    self.planned_running -= 1
                     if rec["status"] == "ok":
                         self.estimator.observe(run, rec["wall_seconds"])
                     self.emit(rec)
+                    if not self.pending and self.planned_running == 0 and self.fillers:   # the last planned run ended
+                        self.fillers_done = True
+                        for other in list(self.fillers):
+                            other.kill_current()
         finally:
             slot.stop_worker()
 
@@ -508,9 +617,10 @@ def parse_kv(text):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--phase", choices=["grid", "seeds", "all"], default="all")
+    p.add_argument("--phase", choices=["grid", "seeds", "all", "interval"], default="all")
     p.add_argument("--smoke", action="store_true",
-                   help="tiny CPU plan: movie_reviews, settings full+500, 3 steps, 64 eval rows, 2 seeds")
+                   help="tiny CPU plan: movie_reviews, settings full+500, 3 steps, 64 eval rows, 2 seeds; with --phase "
+                        "interval: 1 seed, 4 steps, max_seq_length 32")
     p.add_argument("--assets", default=os.path.join(REPO, "study_assets"))
     p.add_argument("--out_dir", default=os.path.join(REPO, "outputs", "study"))
     p.add_argument("--results", default=None, help="results JSONL (default OUT_DIR/results.jsonl)")
@@ -520,6 +630,13 @@ def main():
     p.add_argument("--grid_seed", type=int, default=100, help="a seed outside --seeds")
     p.add_argument("--rhos", type=float, nargs="+", default=[0.01, 0.05, 0.1])
     p.add_argument("--sparsities", type=float, nargs="+", default=[0.9, 0.5])
+    p.add_argument("--interval_tasks", nargs="+", default=["movie_reviews"], choices=TASKS)
+    p.add_argument("--interval_settings", nargs="+", default=["full", "500"], choices=list(SETTINGS))
+    p.add_argument("--interval_seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--sam_intervals", type=int, nargs="+", default=[1, 2, 4],
+                   help='interval phase: FSAM "sam_interval" values (1 = plain FSAM)')
+    p.add_argument("--interval_sam_rho", type=float, default=0.01,
+                   help="interval phase: SAM's rho (the 2026-11-28 study's movie_reviews choice)")
     p.add_argument("--default_rho", type=float, default=0.05)
     p.add_argument("--default_sparsity", type=float, default=0.9)
     p.add_argument("--lr", type=float, default=5e-5)
@@ -552,12 +669,19 @@ def main():
     p.add_argument("--worker_start_timeout_s", type=float, default=300.0)
     p.add_argument("--abort_after_failures", type=int, default=6,
                    help="stop when this many runs failed before any succeeded (a broken environment)")
+    p.add_argument("--fill_tail", action="store_true",
+                   help="while the last planned runs finish, keep the free slots busy with filler runs (stopped "
+                        "when the last planned run ends), so every timed run shares its GPU as the others did")
     p.add_argument("--keep_models", action="store_true")
     p.add_argument("--rerun", action="store_true", help="ignore earlier records in --results")
     p.add_argument("--dry_run", action="store_true", help="print the plan and its estimated time only")
     args = p.parse_args()
 
     if args.smoke:   # only where the command line left the default
+        if args.phase == "interval":   # 1 seed, 4 steps: N = 2 and N = 4 take 2 and 1 two-pass steps
+            for key, value in {"interval_seeds": [0], "max_steps": 4, "max_seq_length": 32}.items():
+                if getattr(args, key) == p.get_default(key):
+                    setattr(args, key, value)
         smoke = {"tasks": ["movie_reviews"], "settings": ["full", "500"], "seeds": [0, 1], "rhos": [0.05, 0.1],
                  "sparsities": [0.9], "max_steps": 3, "max_eval_samples": 64, "gpus": 0, "prior_overhead_s": 8.0}
         for key, value in smoke.items():
@@ -576,6 +700,8 @@ def main():
     if args.threads_per_run is None:
         args.threads_per_run = max(1, (os.cpu_count() or 1) // n_slots)
     grid, seeds = build_plan(args)
+    if args.phase == "interval":
+        grid, seeds = [], build_interval_plan(args)
     records = []
     if os.path.isfile(args.results) and not args.rerun:
         with open(args.results) as f:
@@ -596,9 +722,10 @@ def main():
     for run in plan:
         r = run if not run.get("needs_choice") else dict(run, rho=args.default_rho, sparsity=args.default_sparsity)
         est_total += estimator.prior(r)
-    by_phase = {ph: sum(1 for r in plan if r["phase"] == ph) for ph in ("grid", "seeds")}
+    by_phase = {ph: sum(1 for r in plan if r["phase"] == ph) for ph in ("grid", "seeds", "interval")}
     where = f"{args.gpus} GPU x {args.procs_per_gpu}" if args.gpus else "CPU"
-    print(f"[study] plan: {by_phase['grid']} grid + {by_phase['seeds']} seed runs on {n_slots} slots ({where}, "
+    print(f"[study] plan: {by_phase['grid']} grid + {by_phase['seeds']} seed + {by_phase['interval']} interval "
+          f"runs on {n_slots} slots ({where}, "
           f"mode {args.mode}); prior estimate {est_total:.0f} run-seconds = {est_total / n_slots:.0f} s wall "
           f"({args.prior_step_s} s/step, {args.prior_overhead_s} s/run)", flush=True)
     if args.dry_run:

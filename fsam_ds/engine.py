@@ -220,7 +220,8 @@ def train_step(engine, loss_fn, micro_batches) -> float:
     loss_fn(engine, micro_batch) -> scalar loss. Returns the mean first-pass loss over the
     data-parallel group. After the call `engine._fsam.last_stats` holds the threshold, mask
     density, first-pass gradient norm (before clipping), perturbation norm, the second-pass loss
-    and the sharpness L(w+e) - L(w), equal on every rank."""
+    and the sharpness L(w+e) - L(w), equal on every rank, and "perturbed": whether this step took
+    the two-pass FSAM step (False on the plain steps of sam_interval > 1 and on skipped steps)."""
     client = _attach(engine)
     view, core = client.view, client.core
     micro_batches = list(micro_batches)
@@ -262,7 +263,7 @@ def train_step(engine, loss_fn, micro_batches) -> float:
             view.record_skipped_step()
             first_loss, = _group_mean([first_losses], loss_group)
             core.last_stats = {**core.last_stats, "loss": first_loss, "skipped": True,
-                               "grad_norm": float("inf")}
+                               "perturbed": False, "grad_norm": float("inf")}
             return first_loss
         scale_before.restore()   # the second pass's engine.step() makes this step's one update
         # 2. the step plan, the mask if due, e on the local shards; DeepSpeed publishes them

@@ -74,6 +74,7 @@ class FSAMCore:
         self.mask_layouts: dict = {}       # key -> the ShardLayout its mask was built for
         self.saved: dict = {}              # key -> (weight, original values at the mask)
         self.last_stats: dict = {}
+        self.mask_stats: dict = {}         # the current mask's refresh stats (threshold, density, ...)
         self._loaded_masks: dict = {}      # key str -> ShardMask from a checkpoint, checked at use
 
     # ---- the schedule ---------------------------------------------------------------------------
@@ -128,10 +129,11 @@ class FSAMCore:
                 "perturbed. Lower the learning rate, or use fp16/bf16 with DeepSpeed's overflow "
                 "check, which skips such steps.")
         # 3. refresh
-        stats = dict(self.last_stats) if not plan.refresh else {}
+        # the mask's stats come from its refresh, not from last_stats: a plain interval-mode step
+        # in between replaces last_stats (and must not leave its "perturbed": False behind)
         masked_norm_sq = plan.masked_norm_sq
         if plan.refresh:
-            stats = self._refresh(slots, plan, adam_state)
+            self.mask_stats = self._refresh(slots, plan, adam_state)
             self.last_refresh_window = self.num_steps // cfg.mask_interval
             sums = torch.zeros(1, dtype=torch.float64, device=device)
             for slot in slots:
@@ -144,7 +146,8 @@ class FSAMCore:
             for slot in slots:
                 self.saved[slot.key] = (slot.weight, fisher_math.perturb_(
                     slot.weight, slot.gradient(), self.masks[slot.key], scale, cfg.adaptive))
-        stats.update(refreshed=plan.refresh, perturb_scale=scale,
+        stats = dict(self.mask_stats)
+        stats.update(perturbed=True, refreshed=plan.refresh, perturb_scale=scale,
                      grad_norm=grad_norm if reported_grad_norm is None else reported_grad_norm,
                      perturbation_norm=scale * math.sqrt(max(0.0, masked_norm_sq)))
         self.last_stats = stats

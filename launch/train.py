@@ -94,6 +94,11 @@ try:
     ds_config = load_config(args.deepspeed_config)
 except ValueError as err:
     fail(str(err))
+if isinstance(ds_config.get("fsam"), dict):   # a bad "fsam" block fails before the data and the model load
+    try:
+        fsam_ds.FSAMConfig.from_dict(ds_config["fsam"])
+    except ValueError as err:
+        fail(f"{args.deepspeed_config}: {err}")
 for path, flag in [(args.train_file, "--train_file"), (args.validation_file, "--validation_file"),
                    (args.test_file, "--test_file")]:
     if path is not None and not os.path.isfile(path):
@@ -252,9 +257,8 @@ else:
     if str(ds_config.get("optimizer", {}).get("type", "")).lower() == "fsam":
         params = ds_config["optimizer"]["params"]
         ds_config["optimizer"] = {"type": params.get("base_optimizer", "AdamW"),
-                                  "params": {k: v for k, v in params.items() if k not in (
-                                      "base_optimizer", "rho", "sparsity", "mask_interval", "fisher",
-                                      "adaptive", "always_perturb")}}
+                                  "params": {k: v for k, v in params.items() if k != "base_optimizer"
+                                             and k not in fsam_ds.FSAMConfig.field_names()}}
 
 # batch sizes: the config's; train_batch_size, when set, fixes the gradient accumulation
 micro_bs = int(ds_config.get("train_micro_batch_size_per_gpu", 0) or 0)
@@ -470,6 +474,7 @@ while step < total_steps:
     for batch_index in range(step % steps_per_epoch, steps_per_epoch):
         if step >= total_steps:
             break
+        step_started = time.perf_counter()   # the step's wall time: batch, passes, loss gather (no eval)
         global_idx = order[batch_index * global_bs:(batch_index + 1) * global_bs]
         mine = global_idx[rank * micro_bs * gas:(rank + 1) * micro_bs * gas]
         micro = [collate([train_set[i] for i in mine[j * micro_bs:(j + 1) * micro_bs]]) for j in range(gas)]
@@ -502,7 +507,9 @@ while step < total_steps:
         monitor(events)
         history.append({"step": step, **{k.split("/")[-1]: v for k, v in events},
                         "rank_losses": rank_losses, "train_mode": training_mode,
-                        "skipped": bool(stats.get("skipped", False))})
+                        "skipped": bool(stats.get("skipped", False)),
+                        "perturbed": bool(stats.get("perturbed", False)),   # the two-pass step was taken
+                        "step_seconds": time.perf_counter() - step_started})
         if progress is not None:
             progress.update(1)
             progress.set_postfix(loss=f"{loss:.4f}")
@@ -524,6 +531,9 @@ while step < total_steps:
 if progress is not None:
     progress.close()
 metrics["train_seconds"] = time.time() - started
+timed = [h["step_seconds"] for h in history]
+metrics["step_seconds_mean"] = sum(timed) / len(timed) if timed else None   # excludes evaluations
+metrics["perturbed_steps"] = sum(h["perturbed"] for h in history)
 metrics["validation"] = evaluate(val_set)
 log(f"[eval] after training: {metrics['validation']}")
 monitor([(f"Eval/{k}", v) for k, v in metrics["validation"].items()])

@@ -101,6 +101,9 @@ def test_bad_inputs_get_clear_errors(assets, tmp_path):
     cfg = json.load(open(assets / "ds.json"))
     cfg["fsam"]["sparsity"] = 1.5
     write(bad_fsam, json.dumps(cfg))
+    bad_interval = tmp_path / "bad_interval.json"
+    cfg["fsam"].update(sparsity=0.9, sam_interval=0)
+    write(bad_interval, json.dumps(cfg))
     cases = {
         "--train_file": (str(tmp_path / "missing.jsonl"), "missing.jsonl: no such file"),
         "--validation_file": (wrong_column, "has columns ['label', 'sentence']; expected `text`,`label`"),
@@ -115,6 +118,8 @@ def test_bad_inputs_get_clear_errors(assets, tmp_path):
                               env=single_rank_env(), timeout=300), "label set mismatch")
     outcomes["fsam"] = (run([sys.executable, "launch/train.py", *sum(([k, str(bad_fsam) if k == "--deepspeed_config" else v] for k, v in good.items()), [])],
                             env=single_rank_env(), timeout=300), "Invalid sparsity: 1.5")
+    outcomes["sam_interval"] = (run([sys.executable, "launch/train.py", *sum(([k, str(bad_interval) if k == "--deepspeed_config" else v] for k, v in good.items()), [])],
+                                    env=single_rank_env(), timeout=300), "Invalid sam_interval: 0")
     for what, (proc, expected) in outcomes.items():
         assert proc.returncode == 2, f"{what}: exit {proc.returncode}\n{proc.stderr[-3000:]}"
         assert expected in proc.stderr, f"{what}: {proc.stderr[-2000:]}"

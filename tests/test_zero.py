@@ -94,6 +94,15 @@ def test_mask_interval_reuses_the_mask_between_refreshes():
     assert thresholds[0] != thresholds[3]
 
 
+def test_sam_interval_stats_say_which_steps_perturbed():
+    stats = ranks_result(2, 2)["sam_interval_2"][0]["stats"]
+    # t % 2 == 0 perturbs; a perturbed step that reuses the mask (t = 2: window 0) still reports the
+    # mask's density, not the stats of the plain step before it
+    assert [s["perturbed"] for s in stats] == [t % 2 == 0 for t in range(STEPS)]
+    assert all(0 < s["mask_density"] < 1 for s in stats if s["perturbed"])
+    assert [s["refreshed"] for s in stats if s["perturbed"]] == [True, False, True, True, False]   # t // 3
+
+
 def test_fsam_memory_per_rank_shrinks_as_one_over_world_size():
     for stage in (2, 3):
         per_world = {w: max(r["state_bytes"] for r in ranks_result(stage, w)["grad_sq"]) for w in (1, 2, 4)}
