@@ -11,7 +11,6 @@ figure (bench/step_time.py is that).
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import functools
 import time
@@ -19,6 +18,7 @@ import time
 import torch
 
 import benchlib
+import profile_step
 
 # sub-methods of the ZeRO wrappers' step(), in the order step() calls them (DeepSpeed 0.19.8)
 PARTS = {
@@ -68,15 +68,10 @@ def instrument(engine, stage, timer):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="tiny", choices=sorted(benchlib.PRESETS))
-    p.add_argument("--seq_len", type=int, default=128)
-    p.add_argument("--micro_batch", type=int, default=2)
-    p.add_argument("--zero_stage", type=int, default=2, choices=[2, 3])
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--variants", default="adamw,sam,fsam_every_100")
-    p.add_argument("--out", required=True)
+    # the same options as profile_step.py (one model, one stage, a few steps per variant)
+    p = profile_step.build_parser()
+    p.description = __doc__.split("\n\n")[0]
+    p.set_defaults(steps=4, variants="adamw,sam,fsam_every_100")
     args = p.parse_args()
     rt = benchlib.start(use_deepspeed=True)
     results = {}
@@ -119,7 +114,7 @@ def main():
         import json
         with open(args.out, "w") as f:
             json.dump({"benchmark": "step_anatomy", "config": vars(args),
-                       "environment": benchlib.environment(rt) if hasattr(benchlib, "environment") else {},
+                       "environment": benchlib.environment(rt),
                        "variants": results}, f, indent=1)
     benchlib.finish(rt)
 

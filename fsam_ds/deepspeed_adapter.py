@@ -248,8 +248,8 @@ class _LeanGradients:
             local = torch.stack(norms).double().pow(2).sum().reshape(1).to(device)
         else:
             local = torch.zeros(1, dtype=torch.float64, device=device)
-        total = collectives.all_reduce_sum_(local, self.view.process_group)
-        norm = math.sqrt(total.item()) if math.isfinite(total.item()) else float("nan")
+        total = collectives.all_reduce_sum_(local, self.view.process_group).item()
+        norm = math.sqrt(total) if math.isfinite(total) else float("nan")
         self._inverse_scale = self._inverse_combined_scale(norm)
         return norm
 
