@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=3, help="profiled steps per variant")
     p.add_argument("--variants", default=DEFAULT_VARIANTS)
     p.add_argument("--out", required=True)
+    p.add_argument("--top", type=int, default=TOP_KERNELS, help="kernels listed per variant")
+    p.add_argument("--trace_dir", default=None,
+                   help="also write each variant's profile as a gzipped Chrome trace here")
     return p
 
 
@@ -86,8 +89,18 @@ def profile_variant(name, args, rt, batches) -> dict:
                       "device_ms_per_step": device_time_us(e) / 1e3 / args.steps,
                       "calls_per_step": e.count / args.steps}
               for e in events if e.key.startswith(("fsam.", "adamw."))}
+    if args.trace_dir and rt.is_main:
+        import gzip
+        import os
+        import shutil
+        os.makedirs(args.trace_dir, exist_ok=True)
+        raw = os.path.join(args.trace_dir, f"trace_{name}.json")
+        prof.export_chrome_trace(raw)
+        with open(raw, "rb") as src, gzip.open(raw + ".gz", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        os.remove(raw)
     kernels = sorted((e for e in events if self_device_time_us(e) > 0),
-                     key=self_device_time_us, reverse=True)[:TOP_KERNELS]
+                     key=self_device_time_us, reverse=True)[:args.top]
     top = [{"name": e.key[:120], "device_ms_per_step": self_device_time_us(e) / 1e3 / args.steps,
             "calls_per_step": e.count / args.steps} for e in kernels]
     benchlib.release_engine(engine)

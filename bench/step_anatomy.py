@@ -38,10 +38,21 @@ MODULE_FUNCTIONS = {2: [("deepspeed.runtime.zero.stage_1_and_2", "all_gather_dp_
 class Timer:
     def __init__(self, rt):
         self.rt, self.depth, self.totals, self.calls = rt, 0, collections.Counter(), collections.Counter()
+        self.pass_calls = collections.Counter()
 
-    def wrap(self, name, fn):
+    def new_step(self):
+        self.pass_calls = collections.Counter()
+
+    def wrap(self, name, fn, per_pass=False):
+        """per_pass: name each call of a step apart ("engine.forward [pass 2]")."""
+        base = name
+
         @functools.wraps(fn)
         def timed(*args, **kwargs):
+            name = base
+            if per_pass:
+                self.pass_calls[base] += 1
+                name = f"{base} [pass {self.pass_calls[base]}]"
             benchlib.sync(self.rt)
             self.depth += 1
             start = time.perf_counter()
@@ -86,14 +97,19 @@ def main():
         view = getattr(getattr(engine, "_fsam", None), "view", None)
         instrument(engine, args.zero_stage, timer)
         if view is not None:
-            for name in ("first_pass_gradients", "publish_master_weights"):
+            for name in ("first_pass_gradients", "publish_master_weights", "end_first_pass"):
                 if hasattr(view, name):
                     setattr(view, name, timer.wrap("fsam." + name, getattr(view, name)))
             core = engine._fsam.core
             core.perturb = timer.wrap("fsam.perturb", core.perturb)
+            core.restore_all = timer.wrap("fsam.restore_all", core.restore_all)
+        # the passes themselves: forward (loss included) and backward, per call
+        engine.forward = timer.wrap("engine.forward", engine.forward, per_pass=True)
+        engine.backward = timer.wrap("engine.backward", engine.backward, per_pass=True)
         total = 0.0
         for b in batches[args.warmup:]:
             benchlib.sync(rt)
+            timer.new_step()
             start = time.perf_counter()
             step(engine, b)
             benchlib.sync(rt)
