@@ -210,11 +210,15 @@ def _masked_columns(weights, grads, masks):
     """The masked elements of many tensors as aligned lists: (weight views of the dense ranges,
     gradient views of them, one flat saved buffer per tensor and its dense views) plus, per tensor
     with ranked positions, (flat weight, positions, the saved buffer's positions part)."""
-    w_dense, g_dense, s_dense, saved_all, indexed = [], [], [], [], []
-    for weight, grad, mask in zip(weights, grads, masks):
+    w_dense, g_dense, s_dense, indexed = [], [], [], []
+    # one buffer for every tensor's saved values (one allocation, not one per tensor)
+    if len({(w.dtype, w.device) for w in weights}) == 1:
+        saved_all = list(weights[0].new_empty(sum(m.count for m in masks)).split(
+            [m.count for m in masks]))
+    else:
+        saved_all = [w.new_empty(m.count) for w, m in zip(weights, masks)]
+    for weight, grad, mask, saved in zip(weights, grads, masks, saved_all):
         w, g = weight.detach().view(-1), grad.detach().reshape(-1)
-        saved = w.new_empty(mask.count)
-        saved_all.append(saved)
         num_dense = 0
         for s, e in mask.dense:
             w_dense.append(w[s:e])

@@ -262,10 +262,12 @@ class FSAMCore:
                 kept_of = {pieces[j][0]: tensor_positions[a:b]
                            for j, a, b in zip(firsts, cuts, cuts[1:])}
             del positions
+            nothing = {}   # dtype -> one empty positions tensor shared by the slots keeping none
             for i, slot in enumerate(slots):
                 kept = kept_of.get(i)
                 if kept is None:
-                    kept = torch.zeros(0, dtype=position_dtype(slot.layout.numel), device=device)
+                    dtype = position_dtype(slot.layout.numel)
+                    kept = nothing.setdefault(dtype, torch.zeros(0, dtype=dtype, device=device))
                 self.masks[slot.key] = ShardMask(
                     slot.layout.numel, tuple(slot.layout.always),
                     kept if kept.dtype == position_dtype(slot.layout.numel) else

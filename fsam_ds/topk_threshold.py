@@ -16,6 +16,7 @@ buffer only. Extra memory: the histogram, one chunk's temporaries, and the candi
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Union
 
@@ -320,5 +321,5 @@ def exact_topk_threshold_on_device(shard_scores: torch.Tensor, k: int, group=Non
     _raise_on_bad_scores(bad, count, k)
     if count != total:
         raise ValueError(f"total={total} differs from the {count} scores held by the group")
-    value = float(torch.tensor([value_bits], dtype=torch.int32).view(torch.float32)[0])
+    value = struct.unpack("<f", struct.pack("<i", value_bits))[0]   # the bits as fp32, on the host
     return TopkThreshold(value, kept, greater, num_ties_local=ties_local)
