@@ -267,7 +267,9 @@ class FSAMCore:
                 kept = kept_of.get(i)
                 if kept is None:
                     dtype = position_dtype(slot.layout.numel)
-                    kept = nothing.setdefault(dtype, torch.zeros(0, dtype=dtype, device=device))
+                    if dtype not in nothing:
+                        nothing[dtype] = torch.zeros(0, dtype=dtype, device=device)
+                    kept = nothing[dtype]
                 self.masks[slot.key] = ShardMask(
                     slot.layout.numel, tuple(slot.layout.always),
                     kept if kept.dtype == position_dtype(slot.layout.numel) else
