@@ -17,6 +17,8 @@ trained a few steps; per optimizer step it counts, under a TorchDispatchMode:
                bool/int/float: aten._local_scalar_dense), data-dependent shapes (nonzero,
                masked_select, boolean indexing), and bincount, which reads the maximum back on GPUs
   step_ops     every aten op of the step (forward, backward, DeepSpeed, optimizer)
+  step_syncs   every host sync of the step, as fsam_syncs counts them (the loss's read-back, the
+               lean first pass's norm read, DeepSpeed's own)
 and the median step time without the counter. Prints a table; --out writes the JSON.
 """
 from __future__ import annotations
@@ -66,32 +68,50 @@ class OpCounter(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.depth = 0
+        self.active = False   # inside `with COUNTER:` (tolist is counted only then)
         self.reset()
 
+    def __enter__(self):
+        self.active = True
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        self.active = False
+        return super().__exit__(*exc)
+
     def reset(self):
-        self.step_ops = self.fsam_ops = self.fsam_kernels = self.fsam_syncs = 0
+        self.step_ops = self.step_syncs = self.fsam_ops = self.fsam_kernels = self.fsam_syncs = 0
         self.fsam_sync_names: dict = {}
         self.fsam_op_names: dict = {}
 
     def note_sync(self, name: str):
-        self.fsam_syncs += 1
-        self.fsam_sync_names[name] = self.fsam_sync_names.get(name, 0) + 1
+        self.step_syncs += 1
+        if self.depth > 0:
+            self.fsam_syncs += 1
+            self.fsam_sync_names[name] = self.fsam_sync_names.get(name, 0) + 1
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
         self.step_ops += 1
         if self.depth > 0:
             self.fsam_ops += 1
-            name = func.overloadpacket.__name__
-            if name not in _NO_KERNEL_OPS:
-                self.fsam_kernels += 1
+            self.fsam_kernels += name not in _NO_KERNEL_OPS
             self.fsam_op_names[name] = self.fsam_op_names.get(name, 0) + 1
-            if name in _SYNC_OPS:
-                self.note_sync(name)
-            elif name == "index" and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool
-                                         for i in (args[1] if len(args) > 1 else ())):
-                self.note_sync("index[bool]")
+        kind = _sync_kind(name, args)
+        if kind:
+            self.note_sync(kind)
         return func(*args, **kwargs)
+
+
+def _sync_kind(name: str, args):
+    """Which host sync an aten op makes on a GPU (None: none)."""
+    if name in _SYNC_OPS:
+        return name
+    if name == "index" and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool
+                               for i in (args[1] if len(args) > 1 else ()) if i is not None):
+        return "index[bool]"
+    return None
 
 
 COUNTER = OpCounter()
@@ -140,7 +160,7 @@ def instrument_fsam() -> None:
     original_tolist = torch.Tensor.tolist
 
     def tolist(self):
-        if COUNTER.depth > 0:
+        if COUNTER.active:
             COUNTER.note_sync("tolist")
         return original_tolist(self)
     torch.Tensor.tolist = tolist
@@ -204,7 +224,7 @@ def run_variant(name, stage, args, rt) -> dict:
             one_step(engine, batch, fsam_block is not None)
         counts.append({"step_ops": COUNTER.step_ops, "fsam_ops": COUNTER.fsam_ops,
                        "fsam_kernels": COUNTER.fsam_kernels,
-                       "fsam_syncs": COUNTER.fsam_syncs,
+                       "fsam_syncs": COUNTER.fsam_syncs, "step_syncs": COUNTER.step_syncs,
                        "sync_kinds": dict(COUNTER.fsam_sync_names),
                        "top_fsam_ops": dict(sorted(COUNTER.fsam_op_names.items(),
                                                    key=lambda kv: -kv[1])[:12]),
@@ -258,7 +278,7 @@ def main():
             results.append(r)
             c = r["counted"][-1] if r["counted"] else {}
             rows.append([str(stage), name, str(r["num_param_tensors"]), str(c.get("fsam_ops")), str(c.get("fsam_kernels")),
-                         str(c.get("fsam_syncs")), str(c.get("step_ops")),
+                         str(c.get("fsam_syncs")), str(c.get("step_ops")), str(c.get("step_syncs")),
                          benchlib.fmt_seconds(r["median_step_s"])])
     ratios = {}
     for stage in {r["zero_stage"] for r in results}:
@@ -273,7 +293,7 @@ def main():
                          "world_size": rt.world_size, "dtype": "float32"},
               "variants": results, "ratios": ratios, "environment": benchlib.environment(rt)}
     header = ["ZeRO", "variant", "tensors", "fsam ops/step", "fsam kernel ops/step",
-              "fsam syncs/step", "all ops/step",
+              "fsam syncs/step", "all ops/step", "all syncs/step",
               "step (median)"]
     benchlib.publish_and_finish(args.out, result, header, rows, rt)
 
