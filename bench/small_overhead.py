@@ -143,7 +143,8 @@ def instrument_fsam() -> None:
     """Mark fsam_ds's own code for the counter: the core's perturb/restore and the client's
     step() (capture and restore), with the base optimizer's step excluded. tolist() does not
     dispatch an aten op, so it is counted here too."""
-    from fsam_ds import deepspeed_client, fsam_core
+    from fsam_ds import deepspeed_client, fsam_core, topk_threshold
+    topk_threshold.BINCOUNT_ON_CPU = False   # count the GPU's histogram kernel (no host sync)
     from fsam_ds.optimizer import BaseOptimizerFacade
     for name in ("perturb", "restore", "restore_all", "restore_many"):
         if hasattr(fsam_core.FSAMCore, name):

@@ -41,6 +41,9 @@ MIN_SAMPLE = 4096
 # syncs cost more than bandwidth: the chunked select above synced ~12 times per refresh.
 ON_DEVICE_MAX_TOTAL = 1 << 25
 ON_DEVICE_SLICE = 1 << 22   # bounds the int64 digit temporary to 32 MB
+# the on-device select's histograms on the CPU: bincount (no sync there, and faster); False makes
+# the CPU run the GPU's scatter_add_ (bench/small_overhead.py, to count what a GPU would run)
+BINCOUNT_ON_CPU = True
 
 ScoreSource = Union[torch.Tensor, Callable[[], Iterable[torch.Tensor]]]
 
@@ -293,10 +296,10 @@ def exact_topk_threshold_on_device(shard_scores: torch.Tensor, k: int, group=Non
         # bin num_bins collects the scores outside the candidate range (prefix mismatch)
         local_hist = torch.zeros(num_bins + 1, dtype=torch.int64, device=device)
         for piece in slices:
-            digits = ((piece >> shift) & (num_bins - 1)).long()
+            digits = (piece >> shift) & (num_bins - 1)
             if round_index:
                 digits.masked_fill_((piece >> (shift + bits_per_round)) != prefix, num_bins)
-            local_hist.scatter_add_(0, digits, ones.expand(digits.numel()))
+            _add_histogram_(local_hist, digits, ones)
         if round_index == 0:   # with the invalid flag, so that a NaN's rank raises on every rank
             summed = collectives.all_reduce_sum_(torch.cat([local_hist[:num_bins], invalid]), group)
             global_hist, bad_ranks = summed[:num_bins], summed[num_bins]
@@ -323,3 +326,16 @@ def exact_topk_threshold_on_device(shard_scores: torch.Tensor, k: int, group=Non
         raise ValueError(f"total={total} differs from the {count} scores held by the group")
     value = struct.unpack("<f", struct.pack("<i", value_bits))[0]   # the bits as fp32, on the host
     return TopkThreshold(value, kept, greater, num_ties_local=ties_local)
+
+
+def _add_histogram_(hist: torch.Tensor, digits: torch.Tensor, ones: torch.Tensor,
+                    use_bincount: bool | None = None) -> None:
+    """hist += counts of the int32 `digits` (all < hist.numel()). On a GPU with scatter_add_
+    into the fixed bins (torch.bincount reads the maximum back to the host there); on the CPU,
+    where bincount does not sync and is faster, with bincount. Both are exact integer counts."""
+    if use_bincount is None:
+        use_bincount = BINCOUNT_ON_CPU and digits.device.type == "cpu"
+    if use_bincount:
+        hist += torch.bincount(digits, minlength=hist.numel())
+    else:
+        hist.scatter_add_(0, digits.long(), ones.expand(digits.numel()))

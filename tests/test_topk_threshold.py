@@ -154,6 +154,18 @@ def test_on_device_select_alone_and_its_input_checks():
         exact_topk_threshold_on_device(torch.rand(5), 2, total=6)
 
 
+def test_both_histogram_kernels_count_alike():
+    """The on-device select histograms with scatter_add_ on GPUs and bincount on the CPU."""
+    from fsam_ds.topk_threshold import _add_histogram_
+    digits = torch.randint(0, 257, (10_000,), dtype=torch.int32)
+    ones = torch.ones(1, dtype=torch.int64)
+    by_scatter, by_bincount = torch.zeros(257, dtype=torch.int64), torch.zeros(257, dtype=torch.int64)
+    _add_histogram_(by_scatter, digits, ones, use_bincount=False)
+    _add_histogram_(by_bincount, digits, ones, use_bincount=True)
+    assert torch.equal(by_scatter, by_bincount)
+    assert torch.equal(by_scatter, torch.bincount(digits.long(), minlength=257))
+
+
 def nan_on_one_rank_on_device(rank, world_size):
     import torch.distributed as dist
     shard = torch.rand(100)
