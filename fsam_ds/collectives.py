@@ -54,3 +54,42 @@ def exclusive_prefix_sum(value: int, group, device: torch.device | str = "cpu") 
     counts[rank] = value
     all_reduce_sum_(counts, group)
     return int(counts[:rank].sum())
+
+
+def exclusive_prefix_sum_tensor(value: torch.Tensor, group) -> torch.Tensor:
+    """exclusive_prefix_sum for a 0-d int64 tensor, staying on its device (no host sync)."""
+    size = group_size(group)
+    if size == 1:
+        return torch.zeros_like(value)
+    rank = group_rank(group)
+    counts = torch.zeros(size, dtype=value.dtype, device=value.device)
+    counts[rank:rank + 1].copy_(value.reshape(1))
+    all_reduce_sum_(counts, group)
+    return counts[:rank].sum()
+
+
+_pinned: dict = {}   # (dtype, device) -> a pinned host staging buffer
+
+
+def to_device(host: torch.Tensor, device) -> torch.Tensor:
+    """Copy a small host tensor to `device` without making the host wait: through a pinned
+    staging buffer with non_blocking=True on CUDA (a copy from pageable memory is synchronous).
+    The buffer is reused: a later call waits, through a CUDA event, for the previous copy out of it
+    to finish before overwriting it. On the CPU (or when `host` is already there) it is `host`."""
+    device = torch.device(device)
+    if device.type != "cuda" or host.device == device:
+        return host if host.device == device else host.to(device)
+    key = (host.dtype, device)
+    buffer, event = _pinned.get(key, (None, None))
+    if buffer is None or buffer.numel() < host.numel():
+        buffer = torch.empty(max(64, host.numel()), dtype=host.dtype, pin_memory=True)
+        event = None
+    if event is not None:
+        event.synchronize()   # the previous copy out of the buffer has long finished
+    staged = buffer[:host.numel()].view(host.shape)
+    staged.copy_(host)
+    out = staged.to(device, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    _pinned[key] = (buffer, event)
+    return out

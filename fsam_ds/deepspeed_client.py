@@ -84,9 +84,9 @@ class FSAMDeepSpeedClient(BaseOptimizerFacade):
             return None
         if self.mode == RESTORE:
             with torch.no_grad(), torch.profiler.record_function("fsam.restore"):
-                for group in self.param_groups:   # under ZeRO-1/2/3: the group being stepped
-                    for p in group["params"]:
-                        self.core.restore(self.view.slot_key(p))
+                # under ZeRO-1/2/3: the group being stepped; one batch for all its tensors
+                self.core.restore_many([self.view.slot_key(p) for group in self.param_groups
+                                        for p in group["params"]])
             with torch.profiler.record_function("fsam.base_step"):
                 return self.base_optimizer.step()
         if self.mode in (SETUP, PLAIN):

@@ -25,9 +25,13 @@ from fractions import Fraction
 
 import torch
 
-from fsam_ds.shard_mask import ShardMask
+from fsam_ds.shard_mask import SCATTER_SLICE, ShardMask
 
 NORM_EPS = 1e-12  # as in davda54/sam: keeps rho / ||g|| finite when g == 0
+# The *_many functions below work on many tensors with one torch._foreach_* kernel per batch of
+# views instead of a few kernels per tensor (a small model's step was launch-bound: ~100 tensors
+# at MiniLM size). A batch holds at most this many elements, which bounds the temporaries.
+BATCH_NUMEL = 1 << 26
 
 
 def num_kept(num_ranked: int, sparsity: float) -> int:
@@ -122,3 +126,185 @@ def mask_from_threshold(scores: torch.Tensor, threshold: float, num_ties_kept: i
     """Keep F > threshold, plus the first `num_ties_kept` elements with F == threshold (in index
     order), so that the caller keeps exactly k in total."""
     return mask_chunk_from_threshold(scores, threshold, num_ties_kept)[0]
+
+
+# ---- many tensors at once -------------------------------------------------------------------------
+def _split_aligned(columns, limit: int):
+    """columns: equal-length lists of 1-D tensors, row i of equal numel in every column. Rows
+    longer than `limit` are cut into slices of at most `limit` elements (aligned across columns)."""
+    out = [[] for _ in columns]
+    for row in zip(*columns):
+        numel = row[0].numel()
+        for start in range(0, numel, limit):
+            for col, t in zip(out, row):
+                col.append(t[start:start + limit] if numel > limit else t)
+    return out
+
+
+def _batches(columns, limit: int = None):
+    """Aligned column slices of at most `limit` elements in all (rows cut where longer)."""
+    limit = limit or BATCH_NUMEL
+    columns = _split_aligned(columns, limit)
+    start, size = 0, 0
+    for i, t in enumerate(columns[0]):
+        if size + t.numel() > limit and i > start:
+            yield [col[start:i] for col in columns]
+            start, size = i, 0
+        size += t.numel()
+    if start < len(columns[0]):
+        yield [col[start:] for col in columns]
+
+
+def _as(views, dtype):
+    return [v if v.dtype == dtype else v.to(dtype) for v in views]
+
+
+def _sum_sq_many(views, weights=None) -> torch.Tensor:
+    """sum over the views of ||x||^2 in fp32, x = v (or w*v when `weights` are given), with one
+    foreach norm (and one foreach product) per batch."""
+    terms = []
+    columns = [views] if weights is None else [views, weights]
+    for batch in _batches(columns):
+        x = _as(batch[0], torch.float32)
+        if weights is not None:
+            x = torch._foreach_mul(_as(batch[1], torch.float32), x)
+        terms.extend(torch._foreach_norm(x))
+    if not terms:
+        return None
+    return torch.stack(terms).square().sum()
+
+
+def norm_sq_terms_many(weights, grads, valids, masks, adaptive: bool) -> torch.Tensor:
+    """norm_sq_terms summed over many tensors: [sum ||x||^2, sum ||m*d||^2] in fp32. masks: a
+    list (one ShardMask per tensor), or None (not known yet: the second sum is 0). valids: the
+    (start, end) real ranges of each tensor; () skips the first sum for that tensor."""
+    g_views, w_views = [], []
+    for w, g, valid in zip(weights, grads, valids):
+        g, w = g.detach().reshape(-1), w.detach().reshape(-1)
+        g_views.extend(g[s:e] for s, e in valid if e > s)
+        w_views.extend(w[s:e] for s, e in valid if e > s)
+    device = grads[0].device if grads else torch.device("cpu")
+    zero = torch.zeros((), dtype=torch.float32, device=device)
+    norm_sq = _sum_sq_many(g_views, w_views if adaptive else None) if g_views else None
+    masked_sq = None
+    if masks is not None:
+        d_views, dw_views = [], []
+        for w, g, mask in zip(weights, grads, masks):
+            g, w = g.detach().reshape(-1), w.detach().reshape(-1)
+            d_views.extend(mask.dense_views(g))
+            dw_views.extend(mask.dense_views(w))
+            if mask.positions.numel():
+                d_views.append(g.index_select(0, mask.positions))
+                dw_views.append(w.index_select(0, mask.positions))
+        if d_views:
+            if adaptive:   # d = w*w*g: ||d||^2 = sum over the views of ||w*(w*g)||^2
+                masked_sq = _sum_sq_many(torch._foreach_mul(_as(dw_views, torch.float32),
+                                                            _as(d_views, torch.float32)), dw_views)
+            else:
+                masked_sq = _sum_sq_many(d_views)
+    return torch.stack([zero if norm_sq is None else norm_sq,
+                        zero if masked_sq is None else masked_sq])
+
+
+def _masked_columns(weights, grads, masks):
+    """The masked elements of many tensors as aligned lists: (weight views of the dense ranges,
+    gradient views of them, one flat saved buffer per tensor and its dense views) plus, per tensor
+    with ranked positions, (flat weight, positions, the saved buffer's positions part)."""
+    w_dense, g_dense, s_dense, indexed = [], [], [], []
+    # one buffer for every tensor's saved values (one allocation, not one per tensor)
+    if len({(w.dtype, w.device) for w in weights}) == 1:
+        saved_all = list(weights[0].new_empty(sum(m.count for m in masks)).split(
+            [m.count for m in masks]))
+    else:
+        saved_all = [w.new_empty(m.count) for w, m in zip(weights, masks)]
+    for weight, grad, mask, saved in zip(weights, grads, masks, saved_all):
+        w, g = weight.detach().view(-1), grad.detach().reshape(-1)
+        num_dense = 0
+        for s, e in mask.dense:
+            w_dense.append(w[s:e])
+            g_dense.append(g[s:e])
+            s_dense.append(saved[num_dense:num_dense + e - s])
+            num_dense += e - s
+        if mask.positions.numel():
+            indexed.append((w, g, mask.positions, saved[num_dense:]))
+    return w_dense, g_dense, s_dense, saved_all, indexed
+
+
+def _climb(w_views, g_views, s_views, scale: float, adaptive: bool):
+    """w + e for aligned views (s: the saved original w), with perturb_'s rounding:
+    (g*scale) + w, adaptive ((g*(w*w))*scale) + w. Yields (w views, new values) batch by batch,
+    so that only one batch's temporaries exist at a time."""
+    for w_b, g_b, s_b in _batches([w_views, g_views, s_views]):
+        d = _as(g_b, s_b[0].dtype)
+        if adaptive:
+            d = torch._foreach_mul(d, torch._foreach_mul(s_b, s_b))
+            torch._foreach_mul_(d, scale)
+        else:
+            d = torch._foreach_mul(d, scale)
+        torch._foreach_add_(d, s_b)
+        yield w_b, d
+
+
+def perturb_many_(weights, grads, masks, scale: float, adaptive: bool) -> list:
+    """perturb_ for many tensors at once; returns each tensor's saved values (as perturb_ does,
+    laid out as mask.gather), bit-identical to calling perturb_ on each. Dense ranges: a few
+    foreach kernels per batch; ranked positions: one gather of w and g and one scatter per
+    tensor that has any (the arithmetic is batched)."""
+    w_dense, g_dense, s_dense, saved_all, indexed = _masked_columns(weights, grads, masks)
+    if w_dense:
+        torch._foreach_copy_(s_dense, w_dense)
+        for w_b, new in _climb(w_dense, g_dense, s_dense, scale, adaptive):
+            torch._foreach_copy_(w_b, new)
+    if indexed:
+        g_kept = []
+        for w, g, positions, saved in indexed:
+            torch.index_select(w, 0, positions, out=saved)
+            g_kept.append(g.index_select(0, positions))
+        s_views = [saved for _, _, _, saved in indexed]
+        # _climb cuts rows longer than BATCH_NUMEL: walk the rows' pieces in order
+        pieces = (v for _, new in _climb(s_views, g_kept, s_views, scale, adaptive) for v in new)
+        for w, _, positions, saved in indexed:
+            start = 0
+            while start < positions.numel():
+                new = next(pieces)
+                _index_put_slices(w, positions[start:start + new.numel()], new)
+                start += new.numel()
+    return saved_all
+
+
+def _index_put_slices(flat, positions, values) -> None:
+    for start in range(0, positions.numel(), SCATTER_SLICE):
+        flat.index_put_((positions[start:start + SCATTER_SLICE],),
+                        values[start:start + SCATTER_SLICE])
+
+
+def restore_many_(weights, masks, saved) -> None:
+    """restore_ for many tensors: one foreach copy for every dense range, one scatter per tensor
+    with ranked positions."""
+    w_dense, s_dense = [], []
+    for weight, mask, values in zip(weights, masks, saved):
+        w = weight.detach().view(-1)
+        num_dense = 0
+        for s, e in mask.dense:
+            w_dense.append(w[s:e])
+            s_dense.append(values[num_dense:num_dense + e - s])
+            num_dense += e - s
+        if mask.positions.numel():
+            _index_put_slices(w, mask.positions, values[num_dense:])
+    if w_dense:
+        torch._foreach_copy_(w_dense, s_dense)
+
+
+def mask_from_threshold_tensor(scores: torch.Tensor, threshold: torch.Tensor,
+                               num_ties_kept: int, num_ties_local: int) -> torch.Tensor:
+    """mask_from_threshold with the threshold as a 0-d tensor on the scores' device and the tie
+    counts known on the host: no host sync (the tie order needs a cumsum only when some but not
+    all of this rank's ties are kept)."""
+    keep = scores > threshold
+    if num_ties_kept <= 0:
+        return keep
+    ties = scores == threshold
+    if num_ties_kept >= num_ties_local:
+        return keep.logical_or_(ties)
+    return keep.logical_or_(ties.logical_and_(torch.cumsum(ties, 0, dtype=torch.int32)
+                                               <= num_ties_kept))

@@ -27,8 +27,9 @@ import torch
 from fsam_ds import collectives, fisher_math
 from fsam_ds.config import FSAMConfig
 from fsam_ds.shard_layout import ShardLayout
-from fsam_ds.shard_mask import MaskBuilder, ShardMask, full_mask
-from fsam_ds.topk_threshold import CHUNK_NUMEL, exact_topk_threshold
+from fsam_ds.shard_mask import MaskBuilder, ShardMask, full_mask, position_dtype
+from fsam_ds.topk_threshold import (CHUNK_NUMEL, ON_DEVICE_MAX_TOTAL, exact_topk_threshold,
+                                    exact_topk_threshold_on_device)
 
 STATE_VERSION = 2
 _region = torch.profiler.record_function   # named ranges for bench/profile_step.py
@@ -101,19 +102,16 @@ class FSAMCore:
             self._adopt_loaded_mask(slot)
         # 1. local sums
         device = slots[0].weight.device
-        local = torch.zeros(6, dtype=torch.float64, device=device)
         missing = [s for s in slots if not self._mask_usable(s)]
         with _region("fsam.norm"):
-            for slot in slots:
-                mask = None if missing else self.masks[slot.key]
-                local[:2] += fisher_math.norm_sq_terms(slot.weight, slot.gradient(), slot.layout.valid,
-                                                       mask, cfg.adaptive).double()
+            norm_terms = _norm_terms(slots, None if missing else self.masks, cfg.adaptive)
         wants_state = cfg.fisher == "exp_avg_sq"
         lacking_state = sum(1 for s in slots if not wants_state or adam_state is None
                             or "exp_avg_sq" not in adam_state(s.weight))
-        local[2:] = torch.tensor([len(missing), sum(s.layout.num_ranked for s in slots),
-                                  sum(s.layout.num_always for s in slots), lacking_state],
-                                 dtype=torch.float64)
+        counts = collectives.to_device(torch.tensor(
+            [len(missing), sum(s.layout.num_ranked for s in slots),
+             sum(s.layout.num_always for s in slots), lacking_state], dtype=torch.float64), device)
+        local = torch.cat([norm_terms.to(device=device, dtype=torch.float64), counts])
         # 2. the step plan: one all-reduce
         total = collectives.all_reduce_sum_(local, self.process_group).tolist()
         grad_norm = math.sqrt(total[0])
@@ -135,17 +133,17 @@ class FSAMCore:
         if plan.refresh:
             self.mask_stats = self._refresh(slots, plan, adam_state)
             self.last_refresh_window = self.num_steps // cfg.mask_interval
-            sums = torch.zeros(1, dtype=torch.float64, device=device)
-            for slot in slots:
-                sums += fisher_math.norm_sq_terms(slot.weight, slot.gradient(), (), self.masks[slot.key],
-                                                  cfg.adaptive)[1].double()
+            sums = _norm_terms(slots, self.masks, cfg.adaptive, valid=False)[1:].to(
+                device=device, dtype=torch.float64)
             masked_norm_sq = float(collectives.all_reduce_sum_(sums, self.process_group)[0])
         # 4. perturb the masked elements, originals saved for restore
         scale = cfg.rho / (grad_norm + fisher_math.NORM_EPS)
         with _region("fsam.apply_perturbation"):
-            for slot in slots:
-                self.saved[slot.key] = (slot.weight, fisher_math.perturb_(
-                    slot.weight, slot.gradient(), self.masks[slot.key], scale, cfg.adaptive))
+            for batch in _gradient_batches(slots):
+                saved = fisher_math.perturb_many_(
+                    [s.weight for s in batch], [s.gradient() for s in batch],
+                    [self.masks[s.key] for s in batch], scale, cfg.adaptive)
+                self.saved.update((s.key, (s.weight, v)) for s, v in zip(batch, saved))
         stats = dict(self.mask_stats)
         stats.update(perturbed=True, refreshed=plan.refresh, perturb_scale=scale,
                      grad_norm=grad_norm if reported_grad_norm is None else reported_grad_norm,
@@ -172,7 +170,10 @@ class FSAMCore:
         self.masks = {}   # the old masks go before the new ones come
         self.mask_layouts = {s.key: s.layout for s in slots}
         threshold = found = None
-        if k < plan.num_ranked:
+        if k < plan.num_ranked and plan.num_ranked <= ON_DEVICE_MAX_TOTAL:
+            found = self._refresh_on_device(slots, plan, adam_state, k)
+            threshold = found.value
+        elif k < plan.num_ranked:
             chunks = self._score_chunks(slots, plan.use_adam_state, adam_state)
             with _region("fsam.refresh_threshold"):
                 found = exact_topk_threshold(lambda: (scores for _, _, scores in chunks()), k, group)
@@ -198,6 +199,82 @@ class FSAMCore:
                 "threshold_narrowed": found.narrowed if found is not None else None,
                 "fisher_source": "exp_avg_sq" if plan.use_adam_state else "grad_sq",
                 "mask_density": (k + plan.num_always) / max(1, plan.num_ranked + plan.num_always)}
+
+    def _refresh_on_device(self, slots, plan: StepPlan, adam_state, k: int):
+        """The refresh for small models (at most ON_DEVICE_MAX_TOTAL ranked elements over the
+        group): this rank's scores in one fp32 buffer (built tensor batch by tensor batch, one
+        derived ZeRO-3 gradient at a time), the on-device exact threshold (one host read), one
+        mask comparison and one nonzero over the whole buffer, and one host read of how many kept
+        positions fall in each slot. A few syncs per refresh instead of several per chunk."""
+        pieces = [(i, start, end) for i, s in enumerate(slots) for start, end in s.layout.ranked]
+        num_local = sum(end - start for _, start, end in pieces)
+        device = slots[0].weight.device
+        scores = torch.empty(num_local, dtype=torch.float32, device=device)
+        offsets, offset = [], 0        # where each piece starts in `scores`
+        for _, start, end in pieces:
+            offsets.append(offset)
+            offset += end - start
+        with _region("fsam.refresh_scores"):
+            by_slot: dict = {}          # slot index -> [(view of scores, start, end)]
+            for view, (i, start, end) in zip(scores.split([e - s for _, s, e in pieces]), pieces):
+                by_slot.setdefault(i, []).append((view, start, end))
+            index_of = {id(slot): i for i, slot in enumerate(slots)}
+            for batch in _gradient_batches(slots):
+                targets, sources = [], []
+                for slot in batch:
+                    src = (adam_state(slot.weight)["exp_avg_sq"] if plan.use_adam_state else
+                           slot.gradient()).detach().reshape(-1)
+                    for view, start, end in by_slot.get(index_of[id(slot)], ()):
+                        targets.append(view)
+                        sources.append(src[start:end])
+                    del src
+                if targets:
+                    torch._foreach_copy_(targets, sources)
+                    if not plan.use_adam_state:   # F = g*g
+                        torch._foreach_mul_(targets, targets)
+                del targets, sources
+        with _region("fsam.refresh_threshold"):
+            found = exact_topk_threshold_on_device(scores, k, self.process_group,
+                                                   total=plan.num_ranked)
+        with _region("fsam.refresh_mask"):
+            keep = fisher_math.mask_from_threshold_tensor(scores, found.value, found.num_ties_kept,
+                                                          found.num_ties_local)
+            del scores
+            positions = keep.nonzero().view(-1)   # a host sync: the kept count sizes it
+            del keep
+            narrow = all(position_dtype(s.layout.numel) == torch.int32 for s in slots)
+            kept_of = {}
+            if pieces:
+                # positions in `scores` -> the piece each falls in -> position in its tensor
+                firsts = [j for j, p in enumerate(pieces) if j == 0 or p[0] != pieces[j - 1][0]]
+                num_pieces = len(pieces)
+                table = collectives.to_device(torch.tensor(
+                    offsets + [start - off for (_, start, _), off in zip(pieces, offsets)]
+                    + [offsets[j] for j in firsts], dtype=torch.int64), device)
+                piece_starts, shifts = table[:num_pieces], table[num_pieces:2 * num_pieces]
+                slot_starts = table[2 * num_pieces:]
+                piece = torch.searchsorted(piece_starts, positions, right=True).sub_(1)
+                tensor_positions = positions + shifts.index_select(0, piece)
+                del piece
+                cuts = torch.searchsorted(positions, slot_starts).tolist() + [positions.numel()]
+                if narrow:
+                    tensor_positions = tensor_positions.to(torch.int32)
+                kept_of = {pieces[j][0]: tensor_positions[a:b]
+                           for j, a, b in zip(firsts, cuts, cuts[1:])}
+            del positions
+            nothing = {}   # dtype -> one empty positions tensor shared by the slots keeping none
+            for i, slot in enumerate(slots):
+                kept = kept_of.get(i)
+                if kept is None:
+                    dtype = position_dtype(slot.layout.numel)
+                    if dtype not in nothing:
+                        nothing[dtype] = torch.zeros(0, dtype=dtype, device=device)
+                    kept = nothing[dtype]
+                self.masks[slot.key] = ShardMask(
+                    slot.layout.numel, tuple(slot.layout.always),
+                    kept if kept.dtype == position_dtype(slot.layout.numel) else
+                    kept.to(position_dtype(slot.layout.numel)))
+        return found
 
     @staticmethod
     def _score_chunks(slots, use_adam_state: bool, adam_state):
@@ -232,19 +309,23 @@ class FSAMCore:
     @torch.no_grad()
     def restore(self, key) -> bool:
         """Put slot `key`'s saved values back (bit-exact); False if it was not perturbed."""
-        entry = self.saved.pop(key, None)
-        if entry is None:
-            return False
-        fisher_math.restore_(entry[0], self.masks[key], entry[1])
-        return True
+        return self.restore_many([key])
+
+    @torch.no_grad()
+    def restore_many(self, keys) -> bool:
+        """Restore the slots `keys` that are perturbed, in one batch (a few kernels in all, not a
+        few per slot); True if any was."""
+        entries = [(key, self.saved.pop(key)) for key in keys if key in self.saved]
+        if entries:
+            fisher_math.restore_many_([w for _, (w, _) in entries],
+                                      [self.masks[key] for key, _ in entries],
+                                      [v for _, (_, v) in entries])
+        return bool(entries)
 
     @torch.no_grad()
     def restore_all(self) -> bool:
         """Restore every slot still perturbed; True if any was (the caller republishes them)."""
-        restored = False
-        for key in list(self.saved):
-            restored |= self.restore(key)
-        return restored
+        return self.restore_many(list(self.saved))
 
     def finish_step(self, base_stepped: bool) -> None:
         """The step counts (for the schedule) only if the base optimizer stepped."""
@@ -305,6 +386,37 @@ class FSAMCore:
         """The next step recomputes the masks (on every rank: the plan carries the decision)."""
         warnings.warn(f"FSAM: {reason}; the mask is recomputed at the next step.")
         self.masks, self.mask_layouts, self._loaded_masks = {}, {}, {}
+
+
+def _gradient_batches(slots):
+    """The slots in order, in lists that the *_many math takes at once: consecutive slots whose
+    gradient is a tensor go together; a slot whose gradient is derived on demand (ZeRO-3) goes
+    alone, so that at most one derived gradient is alive at a time (the caller derives it inside
+    the call that uses it)."""
+    batch = []
+    for slot in slots:
+        if callable(slot.grad):
+            if batch:
+                yield batch
+                batch = []
+            yield [slot]
+        else:
+            batch.append(slot)
+    if batch:
+        yield batch
+
+
+def _norm_terms(slots, masks, adaptive: bool, valid: bool = True) -> torch.Tensor:
+    """fisher_math.norm_sq_terms summed over the slots in fp64, batch by batch; masks: key ->
+    ShardMask, or None. valid=False: only the masked sum (the first is 0)."""
+    total = None
+    for batch in _gradient_batches(slots):
+        terms = fisher_math.norm_sq_terms_many(
+            [s.weight for s in batch], [s.gradient() for s in batch],
+            [s.layout.valid if valid else () for s in batch],
+            None if masks is None else [masks[s.key] for s in batch], adaptive).double()
+        total = terms if total is None else total.add_(terms.to(total.device))
+    return total
 
 
 def _windows(ranges, limit: int):

@@ -16,6 +16,7 @@ buffer only. Extra memory: the histogram, one chunk's temporaries, and the candi
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Union
 
@@ -34,6 +35,15 @@ CHUNK_NUMEL = 1 << 24
 # on every refresh of a 5B GPT-2 on an H200 (falling back to the full select, and out of memory).
 SAMPLE_STRIDE = 257
 MIN_SAMPLE = 4096
+# exact_topk_threshold_on_device: for up to this many scores over the group, a radix select that
+# keeps every count on the device (no host sync until its one read at the end). It passes over all
+# scores in every round (2 rounds of 16 bits), which is cheap at this size, where launches and
+# syncs cost more than bandwidth: the chunked select above synced ~12 times per refresh.
+ON_DEVICE_MAX_TOTAL = 1 << 25
+ON_DEVICE_SLICE = 1 << 22   # bounds the int64 digit temporary to 32 MB
+# the on-device select's histograms on the CPU: bincount (no sync there, and faster); False makes
+# the CPU run the GPU's scatter_add_ (bench/small_overhead.py, to count what a GPU would run)
+BINCOUNT_ON_CPU = True
 
 ScoreSource = Union[torch.Tensor, Callable[[], Iterable[torch.Tensor]]]
 
@@ -48,6 +58,9 @@ class TopkThreshold:
     num_ties_kept: int
     num_greater: int
     narrowed: bool = field(default=False, compare=False)   # found by the sampled bracket
+    # how many of this rank's scores equal `value` (-1: not counted); lets a mask skip the tie
+    # cumsum when all of them are kept
+    num_ties_local: int = field(default=-1, compare=False)
 
 
 def score_chunks(source: ScoreSource) -> Iterable[torch.Tensor]:
@@ -247,3 +260,82 @@ def _raise_on_bad_scores(bad_ranks: int, total: int, k: int) -> None:
                          "be >= 0 (check the gradients for non-finite values)")
     if k > total:
         raise ValueError(f"k={k} exceeds the {total} scores held by the group")
+
+
+def exact_topk_threshold_on_device(shard_scores: torch.Tensor, k: int, group=None, *, total: int,
+                                   bits_per_round: int = 16) -> TopkThreshold:
+    """exact_topk_threshold for small inputs with every intermediate on the scores' device: the
+    same exact answer (the same radix select, ties settled in rank order), but one host read in
+    all, at the end, instead of one per round and per chunk.
+
+    shard_scores: this rank's scores as one 1-D fp32 tensor (non-negative, finite; may be empty).
+    total: the global count of scores (known to the caller, e.g. FSAM's step plan), so that no
+    count all-reduce is needed; checked against the histograms at the end.
+    Every round histograms the next digit of the scores that match the prefix found so far, with
+    scatter_add_ into a fixed number of bins (torch.bincount reads its maximum back to the host on
+    GPUs), all-reduces the histogram through collectives, and picks the digit on the device.
+    """
+    if _FP32_BITS % bits_per_round != 0 or not 1 <= bits_per_round <= 16:
+        raise ValueError(f"bits_per_round must divide 32 and be at most 16, got {bits_per_round}")
+    if shard_scores.dim() != 1 or shard_scores.dtype != torch.float32:
+        raise ValueError("shard_scores must be a 1-D float32 tensor, got "
+                         f"{shard_scores.dim()}-D {shard_scores.dtype}")
+    if not 0 <= k <= total:
+        raise ValueError(f"k must be in [0, total={total}], got {k}")
+    if k == 0:
+        return TopkThreshold(float("inf"), 0, 0)
+    device = shard_scores.device
+    bits = shard_scores.contiguous().view(torch.int32)
+    num_bins = 1 << bits_per_round
+    slices = [bits[i:i + ON_DEVICE_SLICE] for i in range(0, bits.numel(), ON_DEVICE_SLICE)]
+    ones = torch.ones(1, dtype=torch.int64, device=device)
+    invalid = _invalid_flag(bits)
+    num_greater = torch.zeros((), dtype=torch.int64, device=device)
+    prefix = torch.zeros((), dtype=torch.int32, device=device)
+    for round_index, shift in enumerate(range(_FP32_BITS - bits_per_round, -1, -bits_per_round)):
+        # bin num_bins collects the scores outside the candidate range (prefix mismatch)
+        local_hist = torch.zeros(num_bins + 1, dtype=torch.int64, device=device)
+        for piece in slices:
+            digits = (piece >> shift) & (num_bins - 1)
+            if round_index:
+                digits.masked_fill_((piece >> (shift + bits_per_round)) != prefix, num_bins)
+            _add_histogram_(local_hist, digits, ones)
+        if round_index == 0:   # with the invalid flag, so that a NaN's rank raises on every rank
+            summed = collectives.all_reduce_sum_(torch.cat([local_hist[:num_bins], invalid]), group)
+            global_hist, bad_ranks = summed[:num_bins], summed[num_bins]
+            global_count = global_hist.sum()
+        else:
+            global_hist = collectives.all_reduce_sum_(local_hist[:num_bins].clone(), group)
+        # the highest digit whose "at or above" count reaches the still-needed count
+        at_or_above = torch.flip(torch.cumsum(torch.flip(global_hist, [0]), 0), [0])
+        needed = k - num_greater
+        digit = (at_or_above >= needed).sum().sub_(1).clamp_(min=0)
+        num_greater = num_greater + at_or_above.gather(0, digit.view(1))[0] \
+            - global_hist.gather(0, digit.view(1))[0]
+        prefix = (prefix << bits_per_round) | digit.to(torch.int32)
+    num_ties_local = torch.zeros((), dtype=torch.int64, device=device)
+    for piece in slices:
+        num_ties_local += (piece == prefix).sum()
+    num_ties_before = collectives.exclusive_prefix_sum_tensor(num_ties_local, group)
+    num_ties_kept = torch.minimum(num_ties_local, k - num_greater - num_ties_before).clamp_(min=0)
+    # the one host read
+    value_bits, kept, greater, ties_local, bad, count = torch.stack([
+        prefix.long(), num_ties_kept, num_greater, num_ties_local, bad_ranks, global_count]).tolist()
+    _raise_on_bad_scores(bad, count, k)
+    if count != total:
+        raise ValueError(f"total={total} differs from the {count} scores held by the group")
+    value = struct.unpack("<f", struct.pack("<i", value_bits))[0]   # the bits as fp32, on the host
+    return TopkThreshold(value, kept, greater, num_ties_local=ties_local)
+
+
+def _add_histogram_(hist: torch.Tensor, digits: torch.Tensor, ones: torch.Tensor,
+                    use_bincount: bool | None = None) -> None:
+    """hist += counts of the int32 `digits` (all < hist.numel()). On a GPU with scatter_add_
+    into the fixed bins (torch.bincount reads the maximum back to the host there); on the CPU,
+    where bincount does not sync and is faster, with bincount. Both are exact integer counts."""
+    if use_bincount is None:
+        use_bincount = BINCOUNT_ON_CPU and digits.device.type == "cpu"
+    if use_bincount:
+        hist += torch.bincount(digits, minlength=hist.numel())
+    else:
+        hist.scatter_add_(0, digits.long(), ones.expand(digits.numel()))

@@ -129,3 +129,29 @@ def test_profile_step_names_the_fsam_ranges(tmp_path):
     assert ranges["fsam.refresh_threshold"]["host_ms_per_step"] > 0
     assert set(result["variants"]["adamw"]["ranges"]) == {"adamw.forward_backward",
                                                           "adamw.optimizer_step"}
+
+
+def test_small_overhead_counts_stay_low(tmp_path):
+    """bench/small_overhead.py runs, and guards issue 14's small-model fix: before it, a SAM step
+    at stage 0 launched ~14 kernels per parameter tensor inside fsam_ds (1,472 at MiniLM size) and
+    a mask refresh synced with the host 29 times (tiny BERT, ZeRO-2; 79 at MiniLM size)."""
+    result, stdout = run_bench(
+        "small_overhead.py", ["--model", "tiny", "--warmup", "1", "--count_steps", "1",
+                              "--steps", "1", "--variants", "adamw,sam,fsam_every_step"],
+        tmp_path / "small_overhead.json")
+    assert result["benchmark"] == "small_overhead"
+    by = {(v["zero_stage"], v["variant"]): v for v in result["variants"]}
+    assert set(by) == {(s, n) for s in (0, 2) for n in ("adamw", "sam", "fsam_every_step")}
+    for (stage, name), v in by.items():
+        counted = v["counted"][0]
+        assert v["median_step_s"] > 0 and counted["step_ops"] > 0, (stage, name)
+        if name == "adamw":
+            assert counted["fsam_ops"] == 0
+            continue
+        assert counted["refreshed"] == (name == "fsam_every_step"), (stage, name)
+        # one host read for the step plan; a refresh adds at most 4 (threshold, kept positions,
+        # their split over the tensors, the masked norm)
+        assert counted["fsam_syncs"] <= (5 if counted["refreshed"] else 1), (stage, name, counted)
+    # SAM: a few batched kernels per step, not a few per tensor
+    assert by[0, "sam"]["counted"][0]["fsam_kernels"] <= 2 * by[0, "sam"]["num_param_tensors"]
+    assert "| 0 | sam |" in stdout

@@ -186,3 +186,58 @@ def test_mask_state_round_trip_and_fit_checks():
     assert not mask.fits(ShardLayout.from_pieces(14, [(0, 4, True), (4, 10, False)]))  # other size
     with pytest.raises(ValueError):
         ShardMask.from_state("all", "cpu")
+
+
+# ---- the batched (many-tensor) versions equal the per-tensor ones -------------------------------
+def _many_case(seed=0):
+    """Tensors with dense ranges only, positions only, both, nothing, padding and -0.0 values."""
+    gen = torch.Generator().manual_seed(seed)
+    cases = []
+    for numel, dense, valid in [(7, ((0, 7),), ((0, 7),)), (12, ((2, 5),), ((0, 10),)),
+                                (9, (), ((0, 9),)), (5, (), ((0, 5),)), (1, ((0, 1),), ((0, 1),))]:
+        w = torch.randn(numel, generator=gen)
+        w[0] = -0.0
+        g = torch.randn(numel, generator=gen)
+        free = [i for i in range(numel) if not any(s <= i < e for s, e in dense)
+                and any(s <= i < e for s, e in valid)]
+        chosen = sorted(torch.randperm(len(free), generator=gen)[: len(free) // 2].tolist())
+        positions = torch.tensor([free[i] for i in chosen], dtype=torch.int32)
+        cases.append((w, g, ShardMask(numel, dense, positions), valid))
+    return cases
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+@pytest.mark.parametrize("batch_numel", [None, 3])   # 3: rows cut and many batches
+def test_many_versions_equal_the_per_tensor_ones(adaptive, batch_numel, monkeypatch):
+    if batch_numel:
+        monkeypatch.setattr(fisher_math, "BATCH_NUMEL", batch_numel)
+    cases = _many_case()
+    weights = [w.clone() for w, *_ in cases]
+    grads = [g for _, g, _, _ in cases]
+    masks = [m for _, _, m, _ in cases]
+    valids = [v for *_, v in cases]
+    # norms: the sums over tensors of the per-tensor terms
+    one_by_one = sum(fisher_math.norm_sq_terms(w, g, v, m, adaptive) for w, g, m, v in cases)
+    many = fisher_math.norm_sq_terms_many(weights, grads, valids, masks, adaptive)
+    torch.testing.assert_close(many, one_by_one, rtol=1e-6, atol=0)
+    no_mask = fisher_math.norm_sq_terms_many(weights, grads, valids, None, adaptive)
+    assert no_mask[1] == 0 and torch.isclose(no_mask[0], one_by_one[0], rtol=1e-6)
+    # perturb: bit-identical weights and saved values
+    expected_w = [w.clone() for w, *_ in cases]
+    expected_saved = [fisher_math.perturb_(w, g, m, 0.37, adaptive)
+                      for w, (_, g, m, _) in zip(expected_w, cases)]
+    saved = fisher_math.perturb_many_(weights, grads, masks, 0.37, adaptive)
+    for w, ew, s, es in zip(weights, expected_w, saved, expected_saved):
+        assert torch.equal(w.view(torch.int32), ew.view(torch.int32))
+        assert torch.equal(s.view(torch.int32), es.view(torch.int32))
+    fisher_math.restore_many_(weights, masks, saved)
+    for w, (orig, *_) in zip(weights, cases):
+        assert torch.equal(w.view(torch.int32), orig.view(torch.int32))   # -0.0 kept
+
+
+def test_mask_from_threshold_tensor_equals_the_host_version():
+    scores = torch.tensor([3.0, 1.0, 2.0, 2.0, 0.0, 2.0, 5.0])
+    for kept in range(4):
+        expected = fisher_math.mask_from_threshold(scores, 2.0, kept)
+        got = fisher_math.mask_from_threshold_tensor(scores, torch.tensor(2.0), kept, 3)
+        assert torch.equal(got, expected), kept

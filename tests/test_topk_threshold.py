@@ -4,7 +4,7 @@ import torch
 
 from dist_harness import run_ranks
 from fsam_ds import fisher_math
-from fsam_ds.topk_threshold import exact_topk_threshold
+from fsam_ds.topk_threshold import exact_topk_threshold, exact_topk_threshold_on_device
 
 
 def make_cases(world_size):
@@ -36,6 +36,9 @@ def make_cases(world_size):
         cases.append((f"empty and tiny shards k={k}", split(lopsided, cuts), k))
     cases.append(("all empty but one k=2", split(torch.tensor([2.0, 1.0, 2.0]), [0] * (world_size - 1)), 2))
     cases.append(("k=0", split(rand), 0))
+    same = torch.full((50,), 3.0)
+    for k in (1, 25, 50):
+        cases.append((f"all equal k={k}", split(same), k))
     cases.append(("subnormals and inf", split(torch.tensor(
         [0.0, 1e-45, 3e-45, 1e-40, float("inf"), 1.0, 1e-38, 1e38] * 5)), 9))
     return cases
@@ -80,8 +83,19 @@ def threshold_on_ranks(rank, world_size, bits_per_round):
             small_chunks = exact_topk_threshold(shard, k, dist.group.WORLD, bits_per_round)
         finally:
             topk_threshold.CHUNK_NUMEL = default_chunk
+        # the sync-free on-device select (FSAM's path for small models), with its own mask
+        total = sum(s.numel() for s in shards)
+        default_slice, topk_threshold.ON_DEVICE_SLICE = topk_threshold.ON_DEVICE_SLICE, 7
+        try:   # 7: several slices per shard
+            on_device = exact_topk_threshold_on_device(shard, k, dist.group.WORLD, total=total,
+                                                       bits_per_round=bits_per_round)
+        finally:
+            topk_threshold.ON_DEVICE_SLICE = default_slice
+        device_keep = fisher_math.mask_from_threshold_tensor(
+            shard, on_device.value, on_device.num_ties_kept, on_device.num_ties_local)
         chunked_agree = (from_pieces == found == small_chunks == narrowed[0] == narrowed[1]
-                         and torch.equal(torch.cat(kept_pieces), keep))
+                         == on_device and torch.equal(torch.cat(kept_pieces), keep)
+                         and torch.equal(device_keep, keep))
         out.append((name, found.value, shard[keep].tolist(), chunked_agree))
     return out
 
@@ -120,6 +134,53 @@ def test_threshold_rejects_bad_input():
         exact_topk_threshold(torch.rand(5), 6)
     with pytest.raises(ValueError, match="float32"):
         exact_topk_threshold(torch.rand(5, dtype=torch.float64), 2)
+
+
+def test_on_device_select_alone_and_its_input_checks():
+    scores = torch.rand(10_000)
+    for k in (1, 999, 10_000):
+        found = exact_topk_threshold_on_device(scores, k, total=10_000)
+        assert found == exact_topk_threshold(scores, k)
+        assert found.value == torch.topk(scores, k).values[-1].item()
+        assert found.num_ties_local == 1
+    assert exact_topk_threshold_on_device(scores, 0, total=10_000).value == float("inf")
+    with pytest.raises(ValueError, match="NaN or negative"):
+        exact_topk_threshold_on_device(torch.tensor([1.0, -2.0, 3.0]), 1, total=3)
+    with pytest.raises(ValueError, match="NaN or negative"):
+        exact_topk_threshold_on_device(torch.tensor([1.0, float("nan")]), 1, total=2)
+    with pytest.raises(ValueError, match="total"):
+        exact_topk_threshold_on_device(torch.rand(5), 6, total=5)
+    with pytest.raises(ValueError, match="differs"):
+        exact_topk_threshold_on_device(torch.rand(5), 2, total=6)
+
+
+def test_both_histogram_kernels_count_alike():
+    """The on-device select histograms with scatter_add_ on GPUs and bincount on the CPU."""
+    from fsam_ds.topk_threshold import _add_histogram_
+    digits = torch.randint(0, 257, (10_000,), dtype=torch.int32)
+    ones = torch.ones(1, dtype=torch.int64)
+    by_scatter, by_bincount = torch.zeros(257, dtype=torch.int64), torch.zeros(257, dtype=torch.int64)
+    _add_histogram_(by_scatter, digits, ones, use_bincount=False)
+    _add_histogram_(by_bincount, digits, ones, use_bincount=True)
+    assert torch.equal(by_scatter, by_bincount)
+    assert torch.equal(by_scatter, torch.bincount(digits.long(), minlength=257))
+
+
+def nan_on_one_rank_on_device(rank, world_size):
+    import torch.distributed as dist
+    shard = torch.rand(100)
+    if rank == 1:
+        shard[7] = float("nan")
+    try:
+        exact_topk_threshold_on_device(shard, 10, dist.group.WORLD, total=100 * world_size)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def test_a_nan_on_one_rank_makes_every_rank_raise_on_the_device_path_too():
+    messages = run_ranks(nan_on_one_rank_on_device, 3, timeout=120)
+    assert all(m is not None and "1 rank(s) are NaN or negative" in m for m in messages), messages
 
 
 def nan_on_one_rank(rank, world_size):
