@@ -12,6 +12,8 @@
                         where VmHWM also counts file pages (mapped checkpoints, libraries).
   status_mb(key)        one /proc/self/status field (VmRSS, VmHWM, RssAnon, ...) in MiB.
   reset_peak()          reset the kernel's VmHWM to the current RSS.
+  trim()                malloc_trim(0): free heap memory back to the kernel, so that what follows
+                        shows as growth instead of reusing resident garbage.
 No torch import: call set_mmap_threshold before the first large allocation.
 """
 import ctypes
@@ -30,13 +32,28 @@ def set_mmap_threshold(value=None):
         value = int(os.environ.get("FSAM_MMAP_THRESHOLD", DEFAULT_MMAP_THRESHOLD))
     if value <= 0:
         return 0
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    mallopt = getattr(_libc(), "mallopt", None)
+    if mallopt is None:
         return 0           # not glibc (musl, macOS): nothing to tune
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return value if mallopt(M_MMAP_THRESHOLD, int(value)) == 1 else 0
+
+
+def _libc():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+def trim():
+    """glibc's malloc_trim(0); False where there is no glibc."""
+    trim_fn = getattr(_libc(), "malloc_trim", None)
+    if trim_fn is None:
+        return False
+    trim_fn.argtypes, trim_fn.restype = [ctypes.c_size_t], ctypes.c_int
+    trim_fn(0)
+    return True
 
 
 def status_mb(key):
