@@ -611,7 +611,8 @@ def share_zero3_fp32_master(engine) -> int:
             if master.data_ptr() == partition.data_ptr():
                 shared += master.numel()
                 continue
-            if not torch.equal(master, partition):
+            # bitwise: the last rank's padding is uninitialised memory (NaN != NaN for torch.equal)
+            if not torch.equal(master.view(torch.uint8), partition.view(torch.uint8)):
                 raise UnsupportedDeepSpeedSetup(
                     "ZeRO-3's fp32 master partition differs from the parameter partition it was "
                     "copied from before the first step: an unknown DeepSpeed state; fsam_ds will "
