@@ -235,6 +235,7 @@ def save_zero3_streamed(module, model_dir, shard_bytes=SHARD_BYTES):
         with open(os.path.join(model_dir, "model.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {"total_size": total},
                        "weight_map": {k: names[i] for k, i in sorted(weight_map.items())}}, f, indent=2)
+    module.config.architectures = [type(module).__name__]   # as save_pretrained records it
     module.config.save_pretrained(model_dir)
     generation = getattr(module, "generation_config", None)
     if generation is not None and getattr(module, "can_generate", lambda: False)():
