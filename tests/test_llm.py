@@ -590,7 +590,7 @@ def rss_per_param_runs(assets, tokenizer):
 def test_train_py_zero3_fsam_peak_rss_per_parameter(rss_per_param_runs):
     """Fully partitioned fp32 AdamW + FSAM at 2 ranks needs about 10.5 B/param (parameter = master
     2, Adam 4, gradient 2, FSAM's saved values and scores about 2.5); the whole fp32 model on a
-    rank at the peak (the old save, a duplicate master) would add 4 B/param, and the loading test
+    rank at the peak would add 4 B/param, DeepSpeed's duplicate fp32 master 2, and the loading test
     above catches a whole model at load directly. Measured 2026-12-02 on 2 CPU cores: 15.86 and
     15.80 (rank 0, 1), about 130 s for the two launches; 25.9 on main at 220M (issue 13)."""
     tiny, big = rss_per_param_runs["tiny_llama"], rss_per_param_runs["llama80m"]
