@@ -578,3 +578,45 @@ def engine_client_optimizer(engine):
     """The client optimizer DeepSpeed wraps (or the engine's optimizer itself at stage 0 fp32)."""
     opt = engine.optimizer
     return getattr(opt, "optimizer", opt)
+
+
+def share_zero3_fp32_master(engine) -> int:
+    """ZeRO-3 with fp32 parameters: let each sub-group's fp32 master partition use the storage of
+    the parameter partition it mirrors, so that the two identical fp32 copies DeepSpeed keeps on
+    every rank become one (4 bytes per parameter / world size saved). Returns the number of
+    elements now shared on this rank (0 where nothing applies: another stage, 16-bit parameters,
+    offload, NVMe swap).
+
+    DeepSpeed 0.19.8, stage3.py `_create_fp32_partitions`: without offload the master is
+    `fp16_partitioned_groups_flat[i].to(device, dtype).clone()` - for fp32 parameters a copy of the
+    partition (its own aliasing branch compares `tensor.device == "cpu"/"cuda:0"`, a str, which is
+    never equal). Everything DeepSpeed then does between the two is `lp.data.copy_(master.data)`
+    after its step and at checkpoint load (a no-op between aliases, as stage3.py's own comment
+    says for autocast) and `master.data.copy_(...)` when loading, which keeps the storage shared.
+    The master keeps its tensor identity (the optimizer state and FSAM's slots are keyed by it);
+    only its `.data` moves onto the partition's storage, after checking the two are equal."""
+    opt = engine.optimizer
+    if type(opt).__name__ != "DeepSpeedZeroOptimizer_Stage3":
+        return 0
+    _require(opt, ["fp32_partitioned_groups_flat", "fp16_partitioned_groups_flat", "offload_optimizer",
+                   "offload_param", "swap_optimizer"], type(opt).__name__)
+    if opt.offload_optimizer or opt.offload_param or opt.swap_optimizer:
+        return 0
+    shared = 0
+    with torch.no_grad():
+        for master, partition in zip(opt.fp32_partitioned_groups_flat, opt.fp16_partitioned_groups_flat):
+            if (partition is None or master is None or master.dtype != partition.dtype
+                    or master.device != partition.device or master.shape != partition.shape):
+                continue
+            if master.data_ptr() == partition.data_ptr():
+                shared += master.numel()
+                continue
+            # bitwise: the last rank's padding is uninitialised memory (NaN != NaN for torch.equal)
+            if not torch.equal(master.view(torch.uint8), partition.view(torch.uint8)):
+                raise UnsupportedDeepSpeedSetup(
+                    "ZeRO-3's fp32 master partition differs from the parameter partition it was "
+                    "copied from before the first step: an unknown DeepSpeed state; fsam_ds will "
+                    f"not share them (tested with DeepSpeed {', '.join(TESTED_DEEPSPEED_VERSIONS)}).")
+            master.data = partition.data
+            shared += master.numel()
+    return shared

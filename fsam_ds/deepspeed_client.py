@@ -72,6 +72,8 @@ class FSAMDeepSpeedClient(BaseOptimizerFacade):
         self.mode = SETUP
         self.view = None             # deepspeed_adapter.EngineView, once attached
         self._captured = []
+        # ZeRO-3 fp32: master partition and parameter partition in one storage (set-up only)
+        self.share_fp32_master = True
 
     # ---- what DeepSpeed calls ---------------------------------------------------------------------
     def step(self, closure=None):
@@ -147,5 +149,7 @@ def _after_optimizer_built(engine) -> None:
     if not isinstance(client, FSAMDeepSpeedClient):
         return
     deepspeed_adapter.check_supported_engine(engine)
+    if client.share_fp32_master:
+        deepspeed_adapter.share_zero3_fp32_master(engine)
     client.end_setup()
     deepspeed_adapter.guard_steps(engine, client.allows_wrapper_step, MISUSE)

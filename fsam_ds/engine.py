@@ -150,9 +150,13 @@ def _build_client(params, base_cls, base_kwargs, fsam_config):
                          f"{base_cls.__name__}: {err}") from None
 
 
-def initialize(model, config, model_parameters=None, **deepspeed_kwargs):
+def initialize(model, config, model_parameters=None, share_fp32_master=True, **deepspeed_kwargs):
     """Like deepspeed.initialize, with FSAM (from the config's "fsam" and "optimizer" blocks) as
-    the client optimizer. Returns (engine, optimizer, training_dataloader, lr_scheduler)."""
+    the client optimizer. Returns (engine, optimizer, training_dataloader, lr_scheduler).
+    share_fp32_master: under ZeRO-3 with fp32 parameters, the fp32 master partition and the
+    parameter partition share one storage (DeepSpeed keeps two equal copies; the same training,
+    bit for bit, with 4 bytes per parameter / world size less). Any FSAM engine gets it, also
+    one built by plain deepspeed.initialize or Hugging Face Trainer."""
     import deepspeed
 
     config = load_config(config)
@@ -165,15 +169,17 @@ def initialize(model, config, model_parameters=None, **deepspeed_kwargs):
         model_parameters = [p for p in model.parameters() if p.requires_grad]
     model_parameters = list(model_parameters)
     client = _build_client(model_parameters, base_cls, base_kwargs, fsam_config)
+    client.share_fp32_master = share_fp32_master
     result = deepspeed.initialize(model=model, optimizer=client, config=ds_config,
                                   model_parameters=model_parameters, **deepspeed_kwargs)
     _attach(result[0])
     return result
 
 
-def initialize_base(model, config, model_parameters=None, **deepspeed_kwargs):
+def initialize_base(model, config, model_parameters=None, share_fp32_master=True, **deepspeed_kwargs):
     """Plain DeepSpeed training with the torch base optimizer that fsam_ds.initialize would wrap
-    (the config's "optimizer" block; any "fsam" block is ignored): a like-for-like AdamW baseline."""
+    (the config's "optimizer" block; any "fsam" block is ignored): a like-for-like AdamW baseline,
+    with the same ZeRO-3 fp32 master sharing as fsam_ds.initialize."""
     import deepspeed
 
     config = load_config(config)
@@ -186,8 +192,11 @@ def initialize_base(model, config, model_parameters=None, **deepspeed_kwargs):
     except TypeError as err:
         raise ValueError(f'Invalid "optimizer" params {sorted(base_kwargs)} for '
                          f"{base_cls.__name__}: {err}") from None
-    return deepspeed.initialize(model=model, optimizer=base, config=ds_config,
-                                model_parameters=params, **deepspeed_kwargs)
+    result = deepspeed.initialize(model=model, optimizer=base, config=ds_config,
+                                  model_parameters=params, **deepspeed_kwargs)
+    if share_fp32_master:
+        deepspeed_adapter.share_zero3_fp32_master(result[0])
+    return result
 
 
 def _attach(engine) -> FSAMDeepSpeedClient:

@@ -8,8 +8,9 @@ scripts), sized for models that do not fit one rank:
   perturb_coverage   what FSAM will do with each trainable element (always perturbed / ranked /
                      kept), with loud warnings for embeddings and norms that would be ranked
   LoRAMaskRefresh    recompute the first Fisher mask once lora_A has a gradient
-  save_model         16-bit Hugging Face folder: ZeRO-3 gathers one module's parameters at a time
-                     (DeepSpeed's consolidated 16-bit state dict), tied weights written once
+  save_model         Hugging Face folder in the training dtype: ZeRO-3 streams it, one module's
+                     parameters gathered at a time and written in safetensors shards by rank 0
+                     (never the whole model on a rank), tied weights written once
 """
 import math
 import os
@@ -139,13 +140,20 @@ class LoRAMaskRefresh:
             self.pending = False
 
 
-def save_model(engine, model_dir, tokenizer=None, stage=0):
+SHARD_BYTES = 1 << 30    # safetensors shard size of the streamed ZeRO-3 save
+
+
+def save_model(engine, model_dir, tokenizer=None, stage=0, shard_bytes=SHARD_BYTES):
     """The trained model as a Hugging Face folder on rank 0 (collective: call on every rank).
-    ZeRO-3: DeepSpeed's consolidated 16-bit state dict, gathered one module's parameters at a time
-    onto rank 0's CPU (no rank ever holds more than one module's full parameters on the device;
-    rank 0 ends with the 16-bit state dict in CPU memory, as it then writes). Tied weights share
-    one tensor there, so save_pretrained writes them once. LoRA models save only the adapter."""
+    ZeRO-3 (full models): streamed, see save_zero3_streamed. LoRA models save only the adapter
+    (from DeepSpeed's consolidated state dict under ZeRO-3: the adapter filter needs it whole)."""
     module = engine.module
+    if stage == 3 and not hasattr(module, "peft_config"):
+        save_zero3_streamed(module, model_dir, shard_bytes)
+        if dist.get_rank() == 0 and tokenizer is not None:
+            tokenizer.save_pretrained(model_dir)
+        dist.barrier()
+        return
     state = engine._zero3_consolidated_16bit_state_dict() if stage == 3 else None
     if dist.get_rank() == 0:
         os.makedirs(model_dir, exist_ok=True)
@@ -156,3 +164,79 @@ def save_model(engine, model_dir, tokenizer=None, stage=0):
             tokenizer.save_pretrained(model_dir)
     del state
     dist.barrier()
+
+
+def save_zero3_streamed(module, model_dir, shard_bytes=SHARD_BYTES):
+    """A ZeRO-3 model as safetensors in its training dtype (16-bit under bf16/fp16), written
+    while it is gathered: one module's own parameters at a time are gathered on every rank
+    (deepspeed.zero.GatheredParameters, released right after), rank 0 copies them to CPU and
+    writes a shard file whenever shard_bytes have collected. No rank holds more than one module
+    gathered plus (rank 0) one shard; DeepSpeed's consolidated state dict holds the whole model on
+    rank 0. A tied weight (the same ZeRO parameter under two names, e.g. lm_head and
+    embed_tokens) is written once, under its first name, as save_pretrained does. Files as
+    save_pretrained names them: model.safetensors, or model-0000i-of-0000n.safetensors and
+    model.safetensors.index.json; from_pretrained loads either."""
+    import json
+
+    import deepspeed
+    from safetensors.torch import save_file
+    rank0 = dist.get_rank() == 0
+    if rank0:
+        os.makedirs(model_dir, exist_ok=True)
+        for name in os.listdir(model_dir):   # a previous save's shards would mix with these
+            if name.startswith("model") and (name.endswith(".safetensors") or name.endswith(".index.json")):
+                os.remove(os.path.join(model_dir, name))
+    shard, shard_size, files, weight_map, seen, total = {}, 0, [], {}, set(), 0
+
+    def flush():
+        nonlocal shard, shard_size
+        if shard:
+            path = os.path.join(model_dir, f"model.part{len(files)}.safetensors")
+            save_file(shard, path, metadata={"format": "pt"})
+            files.append(path)
+            weight_map.update({key: len(files) - 1 for key in shard})
+        shard, shard_size = {}, 0
+
+    def visit(mod, prefix):
+        nonlocal shard_size, total
+        own = [p for p in mod.parameters(recurse=False) if getattr(p, "ds_id", None) not in seen]
+        with deepspeed.zero.GatheredParameters(own):
+            if rank0:
+                for name, p in mod.named_parameters(recurse=False):
+                    ds_id = getattr(p, "ds_id", id(p))
+                    if ds_id in seen:
+                        continue   # tied: written under its first name
+                    seen.add(ds_id)
+                    shard[prefix + name] = p.detach().to("cpu", copy=True).contiguous()
+                    shard_size += p.numel() * p.element_size()
+                for name, buf in mod.named_buffers(recurse=False):
+                    if buf is not None and name not in mod._non_persistent_buffers_set:
+                        shard[prefix + name] = buf.detach().to("cpu", copy=True).contiguous()
+                        shard_size += buf.numel() * buf.element_size()
+            else:
+                seen.update(getattr(p, "ds_id", id(p)) for p in own)
+        if rank0 and shard_size >= shard_bytes:
+            total += shard_size
+            flush()
+        for name, child in mod.named_children():
+            visit(child, prefix + name + ".")
+
+    visit(module, "")
+    if not rank0:
+        return
+    total += shard_size
+    flush()
+    if len(files) == 1:
+        os.replace(files[0], os.path.join(model_dir, "model.safetensors"))
+    else:
+        names = [f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))]
+        for path, name in zip(files, names):
+            os.replace(path, os.path.join(model_dir, name))
+        with open(os.path.join(model_dir, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total},
+                       "weight_map": {k: names[i] for k, i in sorted(weight_map.items())}}, f, indent=2)
+    module.config.architectures = [type(module).__name__]   # as save_pretrained records it
+    module.config.save_pretrained(model_dir)
+    generation = getattr(module, "generation_config", None)
+    if generation is not None and getattr(module, "can_generate", lambda: False)():
+        generation.save_pretrained(model_dir)

@@ -29,8 +29,14 @@ import resource
 import sys
 import time
 
-import torch
-import torch.distributed as dist
+import memtrace  # launch/memtrace.py (the script's directory is on sys.path)
+
+# before torch allocates anything: freed large buffers go back to the kernel (FSAM_MMAP_THRESHOLD)
+MMAP_THRESHOLD = memtrace.set_mmap_threshold()
+MEMORY = memtrace.PeakSampler().start()   # peak RssAnon, every FSAM_MEM_SAMPLE_MS ms (off by default)
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("--model_name_or_path", required=True, help="local Hugging Face model directory")
@@ -554,6 +560,15 @@ loads = [torch.zeros(3, dtype=torch.float64, device=device) for _ in range(world
 dist.all_gather(loads, torch.tensor([load_stats["rss_before_load_mb"], load_stats["peak_rss_after_load_mb"],
                                      load_stats["local_numel"]], dtype=torch.float64, device=device))
 metrics["peak_rss_mb_per_rank"] = [float(t) for t in peaks]
+# per rank: the kernel's peak RSS (VmHWM, also file pages), the sampled peak of anonymous memory
+# (-1: FSAM_MEM_SAMPLE_MS unset) and glibc's mmap threshold (0: glibc's dynamic default)
+sampled = MEMORY.stop()
+mine = torch.tensor([memtrace.status_mb("VmHWM"), -1.0 if sampled is None else sampled, MMAP_THRESHOLD],
+                    dtype=torch.float64, device=device)
+mems = [torch.zeros(3, dtype=torch.float64, device=device) for _ in range(world_size)]
+dist.all_gather(mems, mine)
+metrics["memory_per_rank"] = [{"peak_rss_mb": float(t[0]), "peak_rss_anon_mb": None if t[1] < 0 else float(t[1]),
+                               "mmap_threshold": int(t[2])} for t in mems]
 metrics["load_per_rank"] = [{"rss_before_load_mb": float(t[0]), "peak_rss_after_load_mb": float(t[1]),
                              "local_numel": int(t[2])} for t in loads]
 if master_process:

@@ -243,6 +243,8 @@ def library_checks(rank, world_size, root):
             stats.append(dict(engine._fsam.last_stats))
         save_dir = f"{root}/saved_{precision}"
         model_io.save_model(engine, save_dir, tokenizer, stage=3)
+        # the streamed save in several safetensors shards (an index, as save_pretrained writes)
+        model_io.save_zero3_streamed(engine.module, f"{save_dir}_sharded", shard_bytes=300_000)
         gathered = {n: safe_get_full_fp32_param(p).clone() for n, p in engine.module.named_parameters()}
         res = {"stats": stats}
         engine.destroy()
@@ -263,23 +265,39 @@ def library_checks(rank, world_size, root):
             res["file_bytes"] = os.path.getsize(f"{save_dir}/model.safetensors")
             res["numel"] = sum(w.numel() for w in gathered.values())
             res["reloaded_tied"] = reloaded.lm_head.weight is reloaded.model.embed_tokens.weight
+            sharded = AutoModelForCausalLM.from_pretrained(f"{save_dir}_sharded", dtype=dtype)
+            res["sharded_files"] = sorted(os.listdir(f"{save_dir}_sharded"))
+            res["sharded_max_diff"] = max(float((sharded.state_dict()[n].float() - w.to(dtype).float()).abs().max())
+                                          for n, w in gathered.items())
+            res["sharded_tied"] = sharded.lm_head.weight is sharded.model.embed_tokens.weight
         out[f"save_{precision}"] = res
 
     # 1b. host memory while loading a 91M model under ZeRO-3 (after the loads above, which paid
-    #    the first-use costs): rank 1 never reads the checkpoint, so
-    #    its peak RSS must grow by its half of the fp32 model, not by the whole model. Rank 0 reads
-    #    the file (transformers). The kernel's peak (VmHWM) is reset to the current RSS first.
-    def status_mb(key):
-        line = next(l for l in open("/proc/self/status") if l.startswith(key + ":"))
-        return int(line.split()[1]) / 1024
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before = status_mb("VmRSS")
-    model, keep = model_io.load_model(AutoModelForCausalLM, f"{root}/mid_llama", lib_config(3))
+    #    the first-use costs): anonymous memory (RssAnon, sampled every 2 ms; VmHWM also counts
+    #    the checkpoint's mapped file pages and earlier garbage) may grow by this rank's half of the
+    #    fp32 model and per-module transients, not by the whole model. The control gathers the
+    #    whole model on the rank, as a loader that built it first would hold it: the same
+    #    measurement must see that.
+    import memtrace
+    memtrace.set_mmap_threshold()      # as train.py does: freed buffers leave the process
+    cfg = lib_config(3)
+    import gc
+    gc.collect()
+    memtrace.trim()                    # resident free heap would hide growth
+    before = memtrace.status_mb("RssAnon")
+    with memtrace.PeakSampler(interval_ms=2) as loading:
+        model, keep = model_io.load_model(AutoModelForCausalLM, f"{root}/mid_llama", cfg)
     local, total, _ = model_io.partition_report(model)
-    out["mid_load"] = {"peak_growth_mb": status_mb("VmHWM") - before, "full_fp32_mb": total * 4 / 2**20,
-                       "local_fp32_mb": local * 4 / 2**20}
-    del model, keep
+    params = list(model.parameters())
+    memtrace.trim()
+    settled = memtrace.status_mb("RssAnon")
+    with memtrace.PeakSampler(interval_ms=2) as whole:
+        with deepspeed.zero.GatheredParameters(params):
+            gathered_numel = sum(p.numel() for p in params)
+    out["mid_load"] = {"growth_mb": loading.peak - before, "control_growth_mb": whole.peak - settled,
+                       "full_fp32_mb": total * 4 / 2**20, "local_fp32_mb": local * 4 / 2**20,
+                       "gathered_fp32_mb": gathered_numel * 4 / 2**20}
+    del model, keep, params
     unset_hf_deepspeed_config()
 
     # 2. LoRA with FSAM: only the adapters are trainable, ranked and moved, frozen weights stay
@@ -356,18 +374,20 @@ def library(assets):
     return _library_results(str(assets))
 
 
-@pytest.mark.xfail(strict=False, reason="peak-RSS evidence is not reliable here: in a fresh "
-                   "process rank 1 once grew by ~the whole fp32 model, once by less than its "
-                   "half; partitioning itself is asserted by the next test (issue 13 left open)")
 def test_zero3_loading_does_not_build_the_whole_model_on_a_rank(library):
+    """Anonymous memory sampled while each rank loads the 91M Llama (350 MB in fp32) under
+    zero.Init grows by its half plus transients; the same sampler sees a whole-model gather."""
     for rank, res in enumerate(library):
-        print(f"rank {rank} loading 91M Llama under zero.Init: {res['mid_load']}")
-    mid = library[1]["mid_load"]
-    assert mid["local_fp32_mb"] <= 0.51 * mid["full_fp32_mb"]
-    assert mid["peak_growth_mb"] >= 0.5 * mid["local_fp32_mb"], f"the peak did not register the partition: {mid}"
-    # a rank that built the whole fp32 model first would grow by at least full_fp32_mb
-    # measured: its half (175 MB) plus ~50 MB of per-module transients and first use
-    assert mid["peak_growth_mb"] < 0.8 * mid["full_fp32_mb"], mid
+        mid = res["mid_load"]
+        print(f"rank {rank} loading the 91M Llama under zero.Init: {mid}")
+        assert mid["local_fp32_mb"] <= 0.51 * mid["full_fp32_mb"]
+        # the control: the whole model on the rank registers as growth of about its full size
+        assert mid["gathered_fp32_mb"] == pytest.approx(mid["full_fp32_mb"])
+        assert mid["control_growth_mb"] >= 0.8 * mid["full_fp32_mb"], f"the sampler missed a whole model: {mid}"
+        # a rank that built the whole fp32 model first would grow as the control does. Measured:
+        # +224 MB (rank 0, which reads the checkpoint) and +209 MB (rank 1) for a 178 MB half;
+        # the control +363 / +365 MB of 356
+        assert mid["growth_mb"] < 0.8 * mid["full_fp32_mb"], mid
 
 
 def test_zero3_loading_never_holds_a_whole_parameter_on_a_rank(library):
@@ -391,6 +411,10 @@ def test_zero3_16bit_save_reloads_with_from_pretrained_equal_and_tied_once(libra
     numel_once = res["numel"]    # named_parameters lists the tied weight once
     assert numel_once * bytes_per <= res["file_bytes"] < numel_once * bytes_per + 100_000, res["file_bytes"]
     assert res["dtypes"] == (["torch.float32"] if precision == "fp32" else ["torch.bfloat16"])
+    # streamed in shards of 300 kB: several files and an index, the same weights, still tied
+    assert "model.safetensors.index.json" in res["sharded_files"], res["sharded_files"]
+    assert sum(f.endswith(".safetensors") for f in res["sharded_files"]) > 1, res["sharded_files"]
+    assert res["sharded_max_diff"] == 0.0 and res["sharded_tied"]
     # FSAM really perturbed (a silent base-optimizer step has no perturbation and no sharpness)
     for stats in res["stats"]:
         assert 0.01 < stats["perturbation_norm"] <= 0.05 + 1e-6, stats
@@ -537,6 +561,47 @@ def test_train_py_decoder_classification_lora_checkpointing_and_a_skipped_first_
     base = AutoModelForSequenceClassification.from_pretrained(assets / "tiny_llama", num_labels=2)
     model = PeftModel.from_pretrained(base, out / "model")
     assert any("lora_B" in n and float(p.abs().max()) > 0 for n, p in model.named_parameters())
+
+
+@pytest.fixture(scope="module")
+def rss_per_param_runs(assets, tokenizer):
+    """launch/train.py, ZeRO-3 FSAM causal LM at 2 ranks with the shipped zero3_fsam.json (micro
+    batch 2), on a random 81.5M Llama (a 25M-element tied embedding) and on the tiny one: each
+    rank's peak RSS as train.py reports it (the kernel's VmHWM, loading to final save)."""
+    from transformers import LlamaForCausalLM
+    torch.manual_seed(0)
+    LlamaForCausalLM(tiny_llama_config(tokenizer, hidden_size=512, intermediate_size=1408, num_hidden_layers=20,
+                                       num_attention_heads=8, num_key_value_heads=2)).save_pretrained(assets / "llama80m")
+    tokenizer.save_pretrained(assets / "llama80m")
+    cfg = json.load(open(os.path.join(REPO, "ds_configs", "zero3_fsam.json")))
+    cfg["train_micro_batch_size_per_gpu"] = 2
+    cfg.pop("csv_monitor", None)
+    runs = {}
+    for port, name in ((29554, "tiny_llama"), (29555, "llama80m")):
+        out = assets / f"rss_{name}"
+        proc = launch(assets, out, cfg, ["--task", "causal_lm", "--train_file", str(assets / "chat_train.jsonl"),
+                                         "--validation_file", str(assets / "chat_val.jsonl"), "--max_steps", "2",
+                                         "--max_seq_length", "64", "--max_eval_samples", "4"], port, model=assets / name)
+        assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+        runs[name] = json.load(open(out / "metrics.json"))
+    return runs
+
+
+def test_train_py_zero3_fsam_peak_rss_per_parameter(rss_per_param_runs):
+    """Fully partitioned fp32 AdamW + FSAM at 2 ranks needs about 10.5 B/param (parameter = master
+    2, Adam 4, gradient 2, FSAM's saved values and scores about 2.5); the whole fp32 model on a
+    rank at the peak would add 4 B/param, DeepSpeed's duplicate fp32 master 2, and the loading test
+    above catches a whole model at load directly. Measured 2026-12-02 on 2 CPU cores: 15.86 and
+    15.80 (rank 0, 1), about 130 s for the two launches; 25.9 on main at 220M (issue 13)."""
+    tiny, big = rss_per_param_runs["tiny_llama"], rss_per_param_runs["llama80m"]
+    extra = big["num_params"] - tiny["num_params"]
+    assert big["num_params"] > 80e6 and big["zero_stage"] == 3 and big["optimizer"] == "fsam"
+    assert all(m["mmap_threshold"] == 1 << 20 for m in big["memory_per_rank"])
+    per_param = [(b["peak_rss_mb"] - t["peak_rss_mb"]) * 2**20 / extra
+                 for b, t in zip(big["memory_per_rank"], tiny["memory_per_rank"])]
+    print(f"peak RSS growth per parameter, per rank: {per_param}")
+    assert max(per_param) < 16.5, per_param
+    assert min(per_param) > 6, f"implausibly low (fp32 Adam state alone is 4 B/param at 2 ranks): {per_param}"
 
 
 # ---------------------------------------------------------------------------------- SmolLM2 (FSAM_SLOW=1)

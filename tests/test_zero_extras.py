@@ -116,6 +116,46 @@ def tied_mask_positions(rank, world_size, stage):
     return {"slots": out, "k": client.last_stats["num_kept"]}
 
 
+def shared_master_checks(rank, world_size):
+    """ZeRO-3 fp32 with and without the master/partition sharing: aliasing, weights after FSAM
+    steps, a checkpoint save/load and the steps after it."""
+    import fsam_ds
+    shared = {}
+    for share in (True, False):
+        model = zc.make_model()
+        config = zc.ds_config(3, world_size, FSAM)   # sub_group_size 100: several sub-groups
+        engine, *_ = fsam_ds.initialize(model=model, config=config, model_parameters=zc.param_groups(model),
+                                        share_fp32_master=share)
+        opt = engine.optimizer
+        aliased = lambda: [m.data_ptr() == lp.data_ptr() for m, lp in zip(
+            opt.fp32_partitioned_groups_flat, opt.fp16_partitioned_groups_flat)]
+        record = {"aliased_before": aliased(), "sub_groups": len(opt.fp16_groups)}
+        for batch in zc.global_batches(4):
+            fsam_ds.train_step(engine, zc.loss_fn, zc.micro_batches(batch, rank, world_size))
+        record.update(weights=zc.full_weights(engine), aliased_after=aliased())
+        if share:
+            import tempfile
+            ckpt = tempfile.mkdtemp(prefix="fsam_shared_") if rank == 0 else None
+            holder = [ckpt]
+            torch.distributed.broadcast_object_list(holder, src=0)
+            engine.save_checkpoint(holder[0], tag="t")
+            model = zc.make_model()
+            loaded, *_ = fsam_ds.initialize(model=model, config=config, model_parameters=zc.param_groups(model))
+            loaded.load_checkpoint(holder[0], tag="t")
+            opt = loaded.optimizer
+            record.update(loaded_weights=zc.full_weights(loaded), aliased_loaded=aliased())
+            for batch in zc.global_batches(2):
+                fsam_ds.train_step(loaded, zc.loss_fn, zc.micro_batches(batch, rank, world_size))
+                fsam_ds.train_step(engine, zc.loss_fn, zc.micro_batches(batch, rank, world_size))
+            record.update(resumed=zc.full_weights(loaded), continued=zc.full_weights(engine))
+            torch.distributed.barrier()
+            if rank == 0:
+                import shutil
+                shutil.rmtree(holder[0], ignore_errors=True)
+        shared[share] = record
+    return shared
+
+
 def rank_checks(rank, world_size, only=None):
     import deepspeed
     import fsam_ds
@@ -247,6 +287,8 @@ def rank_checks(rank, world_size, only=None):
             fsam_ds.train_step(engine, zc.loss_fn, zc.micro_batches(batch, rank, world_size))
         lean[key] = record
     out["lean"] = lean
+
+    out["shared_master"] = shared_master_checks(rank, world_size)
 
     # non-finite gradients: in the first pass of step 1 and the second pass of step 2. ZeRO finds
     # the non-finite norm and skips; FSAM must skip the whole step and leave w exactly as it was.
@@ -421,3 +463,19 @@ def test_nonfinite_gradients_in_either_pass_skip_the_step_and_leave_the_weights(
     assert zc.max_abs_diff(snaps[3], snaps[2]) > 0.0       # and training goes on
     assert res["skipped"] == 2 and res["global_steps"] == 5
     assert res["num_steps"] == 3                           # FSAM counts only steps it took
+
+
+def test_zero3_fp32_master_shares_the_parameter_partition_and_trains_bit_identically():
+    """fsam_ds.initialize points each ZeRO-3 fp32 master partition at the parameter partition's
+    storage (DeepSpeed keeps two equal fp32 copies: 4 B per parameter / world size); FSAM steps,
+    a checkpoint save/load and the steps after it are bit-identical to the unshared run."""
+    for rank, res in enumerate(results()):
+        shared, unshared = res["shared_master"][True], res["shared_master"][False]
+        assert shared["sub_groups"] > 1
+        assert all(shared["aliased_before"]) and all(shared["aliased_after"]), shared
+        assert not any(unshared["aliased_before"]), "DeepSpeed now aliases by itself: drop the sharing"
+        assert zc.max_abs_diff(shared["weights"], unshared["weights"]) == 0.0
+        assert all(shared["aliased_loaded"])
+        assert zc.max_abs_diff(shared["loaded_weights"], shared["weights"]) == 0.0
+        assert zc.max_abs_diff(shared["resumed"], shared["continued"]) == 0.0
+        assert zc.max_abs_diff(shared["continued"], shared["weights"]) > 0.0
