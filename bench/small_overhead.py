@@ -204,11 +204,12 @@ def one_step(engine, batch, fsam: bool):
     return loss
 
 
-def run_variant(name, stage, args, rt) -> dict:
+def build_case(name, stage, args, rt):
+    """A fresh MiniLM-shaped engine for one variant, its batch, and its warm-up steps taken."""
     fsam_block = VARIANTS[name]
     model = build_bert(args.model, rt)
-    num_params = benchlib.count_parameters(model)
-    num_tensors = len(list(model.parameters()))
+    info = {"variant": name, "zero_stage": stage, "num_params": benchlib.count_parameters(model),
+            "num_param_tensors": len(list(model.parameters()))}
     engine = benchlib.build_engine(model, ds_config(stage, args.micro_batch, fsam_block))
     del model
     gen = torch.Generator().manual_seed(1234)
@@ -217,33 +218,69 @@ def run_variant(name, stage, args, rt) -> dict:
              torch.randint(0, 2, (args.micro_batch,), generator=gen).to(rt.device))
     for _ in range(args.warmup):
         one_step(engine, batch, fsam_block is not None)
-    # counted steps: step 0 of fsam_every_100 has been taken in the warm-up unless warmup == 0
+    return {"info": info, "engine": engine, "batch": batch, "fsam": fsam_block is not None}
+
+
+def count_case(case, args) -> list:
+    """Per-step op and sync counts (step 0 of fsam_every_100 was taken in the warm-up unless
+    warmup == 0)."""
     counts = []
     for _ in range(args.count_steps):
         COUNTER.reset()
         with COUNTER:
-            one_step(engine, batch, fsam_block is not None)
+            one_step(case["engine"], case["batch"], case["fsam"])
         counts.append({"step_ops": COUNTER.step_ops, "fsam_ops": COUNTER.fsam_ops,
                        "fsam_kernels": COUNTER.fsam_kernels,
                        "fsam_syncs": COUNTER.fsam_syncs, "step_syncs": COUNTER.step_syncs,
                        "sync_kinds": dict(COUNTER.fsam_sync_names),
                        "top_fsam_ops": dict(sorted(COUNTER.fsam_op_names.items(),
                                                    key=lambda kv: -kv[1])[:12]),
-                       "refreshed": _refreshed(engine)})
-    times = []
-    for _ in range(args.steps):
-        benchlib.sync(rt)
-        start = time.perf_counter()
-        one_step(engine, batch, fsam_block is not None)
-        benchlib.sync(rt)
-        times.append(time.perf_counter() - start)
-    result = {"variant": name, "zero_stage": stage, "num_params": num_params,
-              "num_param_tensors": num_tensors, "counted": counts,
-              "median_step_s": statistics.median(times) if times else None, "step_s": times}
-    benchlib.release_engine(engine)
-    del engine
+                       "refreshed": _refreshed(case["engine"])})
+    return counts
+
+
+def timed_step(case, rt) -> float:
+    benchlib.sync(rt)
+    start = time.perf_counter()
+    one_step(case["engine"], case["batch"], case["fsam"])
+    benchlib.sync(rt)
+    return time.perf_counter() - start
+
+
+def release_case(case, rt) -> None:
+    benchlib.release_engine(case.pop("engine"))
     benchlib.collect_memory(rt)
-    return result
+
+
+def run_stage(stage, names, args, rt) -> list:
+    """Every variant at one stage. --interleave builds all engines first and times one step of
+    each in turn, so drift in the machine's speed hits every variant alike; otherwise one
+    variant after the other on a fresh engine."""
+    results = []
+    if args.interleave:
+        cases = [build_case(name, stage, args, rt) for name in names]
+        for case in cases:
+            case["counted"], case["times"] = count_case(case, args), []
+        for _ in range(args.steps):
+            for case in cases:
+                case["times"].append(timed_step(case, rt))
+        for case in cases:
+            release_case(case, rt)
+    else:
+        cases = []
+        for name in names:
+            case = build_case(name, stage, args, rt)
+            case["counted"] = count_case(case, args)
+            case["times"] = [timed_step(case, rt) for _ in range(args.steps)]
+            release_case(case, rt)
+            cases.append(case)
+    for case in cases:
+        times = case["times"]
+        results.append({**case["info"], "counted": case["counted"],
+                        "median_step_s": statistics.median(times) if times else None,
+                        "mean_step_s": statistics.fmean(times) if times else None,
+                        "step_s": times, "interleaved": bool(args.interleave)})
+    return results
 
 
 def _refreshed(engine):
@@ -264,6 +301,9 @@ def build_parser():
     p.add_argument("--count_steps", type=int, default=1,
                    help="steps counted under the op counter (after the warm-up)")
     p.add_argument("--steps", type=int, default=3, help="timed steps (without the counter)")
+    p.add_argument("--interleave", action="store_true",
+                   help="build every variant's engine of a stage first, then time one step of "
+                        "each in turn (drift hits all variants alike)")
     p.add_argument("--out", required=True)
     return p
 
@@ -274,11 +314,10 @@ def main():
     instrument_fsam()
     rows, results = [], []
     for stage in (int(s) for s in args.stages.split(",")):
-        for name in args.variants.split(","):
-            r = run_variant(name, stage, args, rt)
+        for r in run_stage(stage, args.variants.split(","), args, rt):
             results.append(r)
             c = r["counted"][-1] if r["counted"] else {}
-            rows.append([str(stage), name, str(r["num_param_tensors"]), str(c.get("fsam_ops")), str(c.get("fsam_kernels")),
+            rows.append([str(stage), r["variant"], str(r["num_param_tensors"]), str(c.get("fsam_ops")), str(c.get("fsam_kernels")),
                          str(c.get("fsam_syncs")), str(c.get("step_ops")), str(c.get("step_syncs")),
                          benchlib.fmt_seconds(r["median_step_s"])])
     ratios = {}
@@ -291,6 +330,7 @@ def main():
               "config": {"model": args.model, **BERT_SHAPES[args.model], "seq_len": args.seq_len,
                          "micro_batch": args.micro_batch, "warmup": args.warmup,
                          "count_steps": args.count_steps, "steps": args.steps,
+                         "interleave": bool(args.interleave),
                          "world_size": rt.world_size, "dtype": "float32"},
               "variants": results, "ratios": ratios, "environment": benchlib.environment(rt)}
     header = ["ZeRO", "variant", "tensors", "fsam ops/step", "fsam kernel ops/step",
