@@ -247,6 +247,29 @@ def timed_step(case, rt) -> float:
     return time.perf_counter() - start
 
 
+def trace_case(case, args, rt) -> None:
+    """--trace_dir: three more steps under torch.profiler, written as a gzipped Chrome trace
+    (bench/trace_busy.py reads it: wall and GPU-busy time of each fsam.* range)."""
+    if not args.trace_dir:
+        return
+    import gzip
+    import shutil
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if rt.on_cuda:
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(3):
+            timed_step(case, rt)
+    if rt.is_main:
+        os.makedirs(args.trace_dir, exist_ok=True)
+        info = case["info"]
+        raw = os.path.join(args.trace_dir, f"trace_z{info['zero_stage']}_{info['variant']}.json")
+        prof.export_chrome_trace(raw)
+        with open(raw, "rb") as src, gzip.open(raw + ".gz", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        os.remove(raw)
+
+
 def release_case(case, rt) -> None:
     benchlib.release_engine(case.pop("engine"))
     benchlib.collect_memory(rt)
@@ -265,6 +288,7 @@ def run_stage(stage, names, args, rt) -> list:
             for case in cases:
                 case["times"].append(timed_step(case, rt))
         for case in cases:
+            trace_case(case, args, rt)
             release_case(case, rt)
     else:
         cases = []
@@ -272,6 +296,7 @@ def run_stage(stage, names, args, rt) -> list:
             case = build_case(name, stage, args, rt)
             case["counted"] = count_case(case, args)
             case["times"] = [timed_step(case, rt) for _ in range(args.steps)]
+            trace_case(case, args, rt)
             release_case(case, rt)
             cases.append(case)
     for case in cases:
@@ -304,6 +329,8 @@ def build_parser():
     p.add_argument("--interleave", action="store_true",
                    help="build every variant's engine of a stage first, then time one step of "
                         "each in turn (drift hits all variants alike)")
+    p.add_argument("--trace_dir", default=None,
+                   help="also profile 3 steps of each variant into gzipped Chrome traces here")
     p.add_argument("--out", required=True)
     return p
 

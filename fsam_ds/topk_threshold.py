@@ -297,9 +297,8 @@ def exact_topk_threshold_on_device(shard_scores: torch.Tensor, k: int, group=Non
         local_hist = torch.zeros(num_bins + 1, dtype=torch.int64, device=device)
         for piece in slices:
             digits = (piece >> shift) & (num_bins - 1)
-            if round_index:
-                digits.masked_fill_((piece >> (shift + bits_per_round)) != prefix, num_bins)
-            _add_histogram_(local_hist, digits, ones)
+            match = (piece >> (shift + bits_per_round)) == prefix if round_index else None
+            _add_histogram_(local_hist, digits, ones, match)
         if round_index == 0:   # with the invalid flag, so that a NaN's rank raises on every rank
             summed = collectives.all_reduce_sum_(torch.cat([local_hist[:num_bins], invalid]), group)
             global_hist, bad_ranks = summed[:num_bins], summed[num_bins]
@@ -329,13 +328,20 @@ def exact_topk_threshold_on_device(shard_scores: torch.Tensor, k: int, group=Non
 
 
 def _add_histogram_(hist: torch.Tensor, digits: torch.Tensor, ones: torch.Tensor,
-                    use_bincount: bool | None = None) -> None:
-    """hist += counts of the int32 `digits` (all < hist.numel()). On a GPU with scatter_add_
-    into the fixed bins (torch.bincount reads the maximum back to the host there); on the CPU,
-    where bincount does not sync and is faster, with bincount. Both are exact integer counts."""
+                    match: torch.Tensor | None = None, use_bincount: bool | None = None) -> None:
+    """hist[:-1] += counts of the int32 `digits` (all < hist.numel() - 1) where `match` (bool,
+    None: everywhere) holds; hist's last bin may collect the rest. On a GPU with scatter_add_ into
+    the fixed bins (torch.bincount reads the maximum back to the host there); the elements that do
+    not match add 0 at their own digit, spread over all bins: sent to one overflow bin, every one
+    of them was an atomic add on a single address (on an H200, 8.9 ms of a MiniLM refresh's 10.5
+    for ~1e7 scores). On the CPU, where bincount does not sync and is faster, with bincount and
+    the overflow bin. Both are exact integer counts."""
     if use_bincount is None:
         use_bincount = BINCOUNT_ON_CPU and digits.device.type == "cpu"
     if use_bincount:
+        if match is not None:
+            digits = digits.masked_fill(~match, hist.numel() - 1)
         hist += torch.bincount(digits, minlength=hist.numel())
     else:
-        hist.scatter_add_(0, digits.long(), ones.expand(digits.numel()))
+        src = ones.expand(digits.numel()) if match is None else match.long()
+        hist.scatter_add_(0, digits.long(), src)

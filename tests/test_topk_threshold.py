@@ -155,15 +155,37 @@ def test_on_device_select_alone_and_its_input_checks():
 
 
 def test_both_histogram_kernels_count_alike():
-    """The on-device select histograms with scatter_add_ on GPUs and bincount on the CPU."""
+    """The on-device select histograms with scatter_add_ on GPUs and bincount on the CPU, over
+    all digits or only those whose higher bits match the prefix found so far."""
     from fsam_ds.topk_threshold import _add_histogram_
-    digits = torch.randint(0, 257, (10_000,), dtype=torch.int32)
+    digits = torch.randint(0, 256, (10_000,), dtype=torch.int32)
+    match = torch.rand(10_000) < 0.3
     ones = torch.ones(1, dtype=torch.int64)
-    by_scatter, by_bincount = torch.zeros(257, dtype=torch.int64), torch.zeros(257, dtype=torch.int64)
-    _add_histogram_(by_scatter, digits, ones, use_bincount=False)
-    _add_histogram_(by_bincount, digits, ones, use_bincount=True)
-    assert torch.equal(by_scatter, by_bincount)
-    assert torch.equal(by_scatter, torch.bincount(digits.long(), minlength=257))
+    for where in (None, match):
+        by_scatter, by_bincount = torch.zeros(257, dtype=torch.int64), torch.zeros(257, dtype=torch.int64)
+        _add_histogram_(by_scatter, digits, ones, where, use_bincount=False)
+        _add_histogram_(by_bincount, digits, ones, where, use_bincount=True)
+        counted = digits if where is None else digits[where]
+        expected = torch.bincount(counted.long(), minlength=256)
+        assert torch.equal(by_scatter[:256], expected) and torch.equal(by_bincount[:256], expected)
+
+
+def test_on_device_select_with_the_gpu_histogram_kernel_equals_topk(monkeypatch):
+    """The GPU's kernel (scatter_add_, non-matching digits adding 0) in the whole select: the
+    CPU tests otherwise run bincount. Ties at the threshold, clustered exponents, k = 1 and all."""
+    from fsam_ds import topk_threshold
+    monkeypatch.setattr(topk_threshold, "BINCOUNT_ON_CPU", False)
+    g = torch.Generator().manual_seed(3)
+    cases = [torch.randn(50_000, generator=g) ** 2,
+             torch.randint(0, 5, (20_000,), generator=g).float() / 4,     # heavy ties
+             torch.full((1000,), 0.25)]
+    for scores in cases:
+        for k in (1, 7, scores.numel() // 10, scores.numel()):
+            for bits in (16, 8):
+                found = exact_topk_threshold_on_device(scores, k, total=scores.numel(),
+                                                       bits_per_round=bits)
+                assert found.value == torch.topk(scores, k).values[-1].item()
+                assert found.num_greater + found.num_ties_kept == k
 
 
 def nan_on_one_rank_on_device(rank, world_size):
