@@ -25,7 +25,7 @@ from fractions import Fraction
 
 import torch
 
-from fsam_ds.shard_mask import SCATTER_SLICE, ShardMask
+from fsam_ds.shard_mask import ShardMask, index_put_slices
 
 NORM_EPS = 1e-12  # as in davda54/sam: keeps rho / ||g|| finite when g == 0
 # The *_many functions below work on many tensors with one torch._foreach_* kernel per batch of
@@ -267,15 +267,9 @@ def perturb_many_(weights, grads, masks, scale: float, adaptive: bool) -> list:
             start = 0
             while start < positions.numel():
                 new = next(pieces)
-                _index_put_slices(w, positions[start:start + new.numel()], new)
+                index_put_slices(w, positions[start:start + new.numel()], new)
                 start += new.numel()
     return saved_all
-
-
-def _index_put_slices(flat, positions, values) -> None:
-    for start in range(0, positions.numel(), SCATTER_SLICE):
-        flat.index_put_((positions[start:start + SCATTER_SLICE],),
-                        values[start:start + SCATTER_SLICE])
 
 
 def restore_many_(weights, masks, saved) -> None:
@@ -290,7 +284,7 @@ def restore_many_(weights, masks, saved) -> None:
             s_dense.append(values[num_dense:num_dense + e - s])
             num_dense += e - s
         if mask.positions.numel():
-            _index_put_slices(w, mask.positions, values[num_dense:])
+            index_put_slices(w, mask.positions, values[num_dense:])
     if w_dense:
         torch._foreach_copy_(w_dense, s_dense)
 

@@ -28,6 +28,13 @@ def position_dtype(numel: int) -> torch.dtype:
     return torch.int32 if numel < INT32_LIMIT else torch.int64
 
 
+def index_put_slices(flat: torch.Tensor, positions: torch.Tensor, values: torch.Tensor) -> None:
+    """flat[positions] = values, SCATTER_SLICE positions at a time (bounds index_put_'s int64
+    copy of int32 positions)."""
+    for start in range(0, positions.numel(), SCATTER_SLICE):
+        flat.index_put_((positions[start:start + SCATTER_SLICE],), values[start:start + SCATTER_SLICE])
+
+
 @dataclass
 class ShardMask:
     numel: int
@@ -61,10 +68,7 @@ class ShardMask:
         if self.dense:
             views = self.dense_views(flat)
             torch._foreach_copy_(views, list(values[:num_dense].split([v.numel() for v in views])))
-        rest = values[num_dense:]
-        for start in range(0, self.positions.numel(), SCATTER_SLICE):
-            flat.index_put_((self.positions[start:start + SCATTER_SLICE],),
-                            rest[start:start + SCATTER_SLICE])
+        index_put_slices(flat, self.positions, values[num_dense:])
 
     def fits(self, layout: ShardLayout) -> bool:
         """Whether this mask can be reused for a tensor laid out as `layout` (after a load: another

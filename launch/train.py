@@ -25,7 +25,6 @@ import json
 import math
 import os
 import random
-import resource
 import sys
 import time
 
@@ -80,10 +79,6 @@ def fail(message):
     """A user error: one clear line on every rank, exit code 2, no traceback."""
     print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(2)
-
-
-def peak_rss_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # -------------------------------------------------------------------------------- set-up, checks
@@ -307,7 +302,7 @@ if stage == 3:   # the final save gathers one module at a time instead of the wh
 
 # -------------------------------------------------------------------------------- model, engine
 auto_cls = AutoModelForSequenceClassification if args.task == "classification" else AutoModelForCausalLM
-rss_before_load = peak_rss_mb()
+rss_before_load = memtrace.status_mb("VmHWM")
 try:
     kwargs = {"num_labels": len(label_names)} if label_names else {}
     # ZeRO-3: built under deepspeed.zero.Init, each rank holds only its partition from the start
@@ -315,7 +310,7 @@ try:
 except (OSError, ValueError) as err:
     fail(f"--model_name_or_path {args.model_name_or_path}: cannot load a {auto_cls.__name__} ({err})")
 local_numel, model_numel, largest_local_fraction = model_io.partition_report(model)
-load_stats = {"rss_before_load_mb": rss_before_load, "peak_rss_after_load_mb": peak_rss_mb(),
+load_stats = {"rss_before_load_mb": rss_before_load, "peak_rss_after_load_mb": memtrace.status_mb("VmHWM"),
               "local_numel": local_numel, "model_numel": model_numel,
               "largest_local_fraction": largest_local_fraction}
 if label_names:
@@ -553,24 +548,20 @@ if args.save_every == 0 or (args.save_every > 0 and step % args.save_every != 0)
     save(step)   # fp32 weights from it: python CHECKPOINT_DIR/zero_to_fp32.py CHECKPOINT_DIR OUT_DIR
 model_dir = os.path.join(args.output_dir, "model")
 model_io.save_model(engine, model_dir, tokenizer, stage)
-peak = torch.tensor([peak_rss_mb()], dtype=torch.float64, device=device)
-peaks = [torch.zeros(1, dtype=torch.float64, device=device) for _ in range(world_size)]
-dist.all_gather(peaks, peak)
-loads = [torch.zeros(3, dtype=torch.float64, device=device) for _ in range(world_size)]
-dist.all_gather(loads, torch.tensor([load_stats["rss_before_load_mb"], load_stats["peak_rss_after_load_mb"],
-                                     load_stats["local_numel"]], dtype=torch.float64, device=device))
-metrics["peak_rss_mb_per_rank"] = [float(t) for t in peaks]
-# per rank: the kernel's peak RSS (VmHWM, also file pages), the sampled peak of anonymous memory
-# (-1: FSAM_MEM_SAMPLE_MS unset) and glibc's mmap threshold (0: glibc's dynamic default)
+# per rank, in one all-gather: the kernel's peak RSS (VmHWM, also file pages), the sampled peak of
+# anonymous memory (-1: FSAM_MEM_SAMPLE_MS unset), glibc's mmap threshold (0: glibc's dynamic
+# default) and the loading figures
 sampled = MEMORY.stop()
-mine = torch.tensor([memtrace.status_mb("VmHWM"), -1.0 if sampled is None else sampled, MMAP_THRESHOLD],
-                    dtype=torch.float64, device=device)
-mems = [torch.zeros(3, dtype=torch.float64, device=device) for _ in range(world_size)]
+mine = torch.tensor([memtrace.status_mb("VmHWM"), -1.0 if sampled is None else sampled, MMAP_THRESHOLD,
+                     load_stats["rss_before_load_mb"], load_stats["peak_rss_after_load_mb"],
+                     load_stats["local_numel"]], dtype=torch.float64, device=device)
+mems = [torch.zeros_like(mine) for _ in range(world_size)]
 dist.all_gather(mems, mine)
+metrics["peak_rss_mb_per_rank"] = [float(t[0]) for t in mems]
 metrics["memory_per_rank"] = [{"peak_rss_mb": float(t[0]), "peak_rss_anon_mb": None if t[1] < 0 else float(t[1]),
                                "mmap_threshold": int(t[2])} for t in mems]
-metrics["load_per_rank"] = [{"rss_before_load_mb": float(t[0]), "peak_rss_after_load_mb": float(t[1]),
-                             "local_numel": int(t[2])} for t in loads]
+metrics["load_per_rank"] = [{"rss_before_load_mb": float(t[3]), "peak_rss_after_load_mb": float(t[4]),
+                             "local_numel": int(t[5])} for t in mems]
 if master_process:
     with open(os.path.join(args.output_dir, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)

@@ -188,38 +188,29 @@ def test_on_device_select_with_the_gpu_histogram_kernel_equals_topk(monkeypatch)
                 assert found.num_greater + found.num_ties_kept == k
 
 
-def nan_on_one_rank_on_device(rank, world_size):
-    import torch.distributed as dist
-    shard = torch.rand(100)
-    if rank == 1:
-        shard[7] = float("nan")
-    try:
-        exact_topk_threshold_on_device(shard, 10, dist.group.WORLD, total=100 * world_size)
-    except ValueError as err:
-        return str(err)
-    return None
-
-
-def test_a_nan_on_one_rank_makes_every_rank_raise_on_the_device_path_too():
-    messages = run_ranks(nan_on_one_rank_on_device, 3, timeout=120)
-    assert all(m is not None and "1 rank(s) are NaN or negative" in m for m in messages), messages
-
-
 def nan_on_one_rank(rank, world_size):
+    """Both selects (chunked and on-device) with a NaN on rank 1: each rank's error, or None."""
     import torch.distributed as dist
     shard = torch.rand(100)
     if rank == 1:
         shard[7] = float("nan")
-    try:
-        exact_topk_threshold(shard, 10, dist.group.WORLD)
-    except ValueError as err:
-        return str(err)
-    return None
+    messages = []
+    for select in (lambda: exact_topk_threshold(shard, 10, dist.group.WORLD),
+                   lambda: exact_topk_threshold_on_device(shard, 10, dist.group.WORLD,
+                                                          total=100 * world_size)):
+        try:
+            select()
+            messages.append(None)
+        except ValueError as err:
+            messages.append(str(err))
+    return messages
 
 
 def test_a_nan_on_one_rank_makes_every_rank_raise_instead_of_hanging():
-    messages = run_ranks(nan_on_one_rank, 3, timeout=120)
-    assert all(m is not None and "1 rank(s) are NaN or negative" in m for m in messages), messages
+    per_rank = run_ranks(nan_on_one_rank, 3, timeout=120)
+    for path, messages in zip(("chunked", "on-device"), zip(*per_rank)):
+        assert all(m is not None and "1 rank(s) are NaN or negative" in m for m in messages), \
+            (path, messages)
 
 
 def test_narrowing_brackets_random_scores_and_falls_back_when_the_sample_misleads(monkeypatch):
