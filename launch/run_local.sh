@@ -27,6 +27,7 @@ case "$LAUNCHER" in
   mpirun)    # DeepSpeed discovers rank/world through mpi4py; loopback-only transport for one host
              CMD=(mpirun --allow-run-as-root --oversubscribe -np "$NUM_RANKS" --mca btl self,vader
                   --mca oob_tcp_if_include lo -x DS_ACCELERATOR -x HF_HUB_OFFLINE -x PATH
+                  -x MASTER_PORT="$MASTER_PORT"
                   python "${TRAIN_ARGS[@]}") ;;
   *) echo "error: LAUNCHER=$LAUNCHER; use deepspeed, torchrun or mpirun" >&2; exit 2 ;;
 esac

@@ -225,7 +225,10 @@ def collate(examples):
 on_cpu = os.environ.get("DS_ACCELERATOR") == "cpu" or not torch.cuda.is_available()
 from datetime import timedelta  # noqa: E402
 
+# Under mpirun DeepSpeed's MPI discovery sets MASTER_PORT from distributed_port (29500 by default);
+# passing the environment's MASTER_PORT lets two mpirun jobs share a host (mpirun -x MASTER_PORT).
 deepspeed.init_distributed(dist_backend="gloo" if on_cpu else "nccl", auto_mpi_discovery=True,
+                           distributed_port=int(os.environ.get("MASTER_PORT", 29500)),
                            verbose=False, timeout=timedelta(minutes=args.timeout_minutes))
 rank, world_size = dist.get_rank(), dist.get_world_size()
 master_process = rank == 0

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from dist_harness import free_port
 from slurm_cluster import slurm_cluster, why_unavailable
 
 from launch_helpers import ENV, REPO, check_run, make_assets, prepare_data, run, train_args  # noqa: E402
@@ -37,8 +38,11 @@ def test_torchrun_two_ranks(assets, tmp_path):
 def test_mpirun_two_ranks_through_mpi4py_discovery(assets, tmp_path):
     cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2", "--mca", "btl", "self,vader",
            "--mca", "oob_tcp_if_include", "lo", "-x", "DS_ACCELERATOR", "-x", "HF_HUB_OFFLINE",
-           "-x", "PATH", sys.executable, *train_args(assets, tmp_path)]
-    env = {k: v for k, v in ENV.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+           "-x", "PATH", "-x", "MASTER_PORT", sys.executable, *train_args(assets, tmp_path)]
+    # a port of its own: DeepSpeed's MPI discovery would otherwise take the fixed 29500 (flaky when a
+    # run before this one still holds it); the rank, world size and address still come from MPI
+    env = {k: v for k, v in ENV.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+    env["MASTER_PORT"] = str(free_port())
     check_run(run(cmd, env=env), tmp_path)
 
 
