@@ -2,6 +2,8 @@
 scripts), sized for models that do not fit one rank:
 
   fill_auto_schedule the "auto" values of the shipped configs' scheduler, from the run length
+  fill_auto_zero3_buffers  the "auto" ZeRO-3 buffer sizes of the GPU configs, from the model's
+                     hidden size (Hugging Face Trainer's rule)
   load_model         ZeRO-3: HfDeepSpeedConfig before from_pretrained, so the model is built under
                      deepspeed.zero.Init and every parameter is partitioned as it is created
   add_lora           PEFT LoRA adapters; only they are trainable, so only they reach FSAM
@@ -48,6 +50,53 @@ def fill_auto_schedule(ds_config, total_steps, warmup_ratio=0.1):
         if params.get(key) == "auto":
             params[key] = ds_config["optimizer"]["params"]["lr"]
     return params
+
+
+# The ZeRO keys Hugging Face Trainer fills from the model's hidden size H when they are "auto"
+# (transformers.integrations.deepspeed, HfTrainerDeepSpeedConfig.trainer_config_finalize): a
+# gradient bucket of one H x H matrix, a prefetch of most of one, and parameters below 10 H elements
+# (norms, biases) kept whole on every rank. They grow with the model, where fixed element counts are
+# either too small for a 70B model's collectives or too large for a small model's memory.
+HIDDEN_SIZE_RULES = {
+    "reduce_bucket_size": lambda h: h * h,
+    "stage3_prefetch_bucket_size": lambda h: int(0.9 * h * h),
+    "stage3_param_persistence_threshold": lambda h: 10 * h,
+}
+
+
+def hidden_size_of(model_config):
+    """The hidden size Hugging Face's rule uses: hidden_size, the largest of hidden_sizes, or the
+    same from a multimodal model's text_config; None if the config has none of them."""
+    for cfg in (model_config, getattr(model_config, "text_config", None)):
+        if cfg is None:
+            continue
+        if getattr(cfg, "hidden_size", None):
+            return int(cfg.hidden_size)
+        if getattr(cfg, "hidden_sizes", None):
+            return int(max(cfg.hidden_sizes))
+    return None
+
+
+def fill_auto_zero3_buffers(ds_config, model):
+    """Resolve "auto" in zero_optimization's reduce_bucket_size, stage3_prefetch_bucket_size and
+    stage3_param_persistence_threshold in place, as Hugging Face Trainer does. `model`: a model
+    folder (its config.json is read alone, no weights) or a transformers config. Returns
+    {key: value} of what was filled."""
+    zero = ds_config.get("zero_optimization") or {}
+    auto_keys = [k for k in HIDDEN_SIZE_RULES if zero.get(k) == "auto"]
+    if not auto_keys:
+        return {}
+    if isinstance(model, (str, os.PathLike)):
+        from transformers import AutoConfig
+        model = AutoConfig.from_pretrained(model)
+    hidden = hidden_size_of(model)
+    if hidden is None:
+        raise ValueError(f"zero_optimization {auto_keys} are \"auto\", but the model config "
+                         f"({type(model).__name__}) has no hidden_size or hidden_sizes to size them "
+                         f"from; write numbers instead")
+    filled = {k: HIDDEN_SIZE_RULES[k](hidden) for k in auto_keys}
+    zero.update(filled)
+    return filled
 
 
 def load_model(auto_cls, path, ds_config, **kwargs):

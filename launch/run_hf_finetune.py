@@ -26,7 +26,7 @@ from transformers import (AutoConfig, AutoModelForSequenceClassification, AutoTo
 from transformers.trainer_utils import get_last_checkpoint
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from fsam_ds.hf import FSAMTrainer  # noqa: E402
+from fsam_ds.hf import FSAMTrainer, repair_cpu_deepspeed_state  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +48,9 @@ class DataTrainingArguments:
 def main():
     parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments))
     model_args, data_args, training_args = parser.parse_args_into_dataclasses()
+    # CPU ranks only (a no-op on GPUs): before from_pretrained, which builds a ZeRO-3 model under
+    # zero.Init from the batch sizes TrainingArguments filled in
+    repair_cpu_deepspeed_state(training_args)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
                         level=logging.INFO if training_args.should_log else logging.WARNING)
     for path in (data_args.train_file, data_args.validation_file):

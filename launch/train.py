@@ -302,6 +302,14 @@ for monitor_key in ("csv_monitor", "tensorboard"):
 stage = model_io.zero_stage(ds_config)
 if stage == 3:   # the final save gathers one module at a time instead of the whole model
     ds_config["zero_optimization"].setdefault("stage3_gather_16bit_weights_on_model_save", True)
+# "auto" ZeRO buffer sizes (the GPU configs) from the model's hidden size, before the model is
+# built: zero.Init reads them
+try:
+    zero_filled = model_io.fill_auto_zero3_buffers(ds_config, args.model_name_or_path)
+except (OSError, ValueError) as err:
+    fail(f"--deepspeed_config {args.deepspeed_config}: {err}")
+if zero_filled:
+    log(f"[train] ZeRO buffer sizes from the model's hidden size: {zero_filled}")
 
 # -------------------------------------------------------------------------------- model, engine
 auto_cls = AutoModelForSequenceClassification if args.task == "classification" else AutoModelForCausalLM

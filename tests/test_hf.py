@@ -203,15 +203,17 @@ def test_without_deepspeed_uses_fsam_optimizer(tmp_path):
     assert all("fsam_sharpness" in l for l in trainer.state.log_history if "loss" in l)
 
 
-def test_example_script_under_the_deepspeed_cli(tmp_path_factory, tmp_path):
+@pytest.mark.parametrize("config, port", [("hf_zero2_fsam.json", 29541), ("hf_zero3_fsam.json", 29542)])
+def test_example_script_under_the_deepspeed_cli(tmp_path_factory, tmp_path, config, port):
     """launch/run_hf_finetune.py really launched by `deepspeed --num_gpus 2` (CPU ranks) with
-    ds_configs/hf_zero2_fsam.json ("auto" values): trains, checkpoints, evaluates, logs FSAM."""
+    the shipped ds_configs/hf_zero{2,3}_fsam.json ("auto" values, ZeRO-3's buffer sizes among them,
+    filled by the Trainer): trains, checkpoints, evaluates, logs FSAM."""
     import json
     from launch_helpers import make_assets, run
     assets = make_assets(tmp_path_factory)
     out = tmp_path / "out"
-    proc = run(["deepspeed", "--num_gpus", "2", "--master_port", "29541", "launch/run_hf_finetune.py",
-                "--deepspeed", "ds_configs/hf_zero2_fsam.json",
+    proc = run(["deepspeed", "--num_gpus", "2", "--master_port", str(port), "launch/run_hf_finetune.py",
+                "--deepspeed", f"ds_configs/{config}",
                 "--model_name_or_path", str(assets / "tiny_bert"),
                 "--train_file", str(assets / "data" / "train.jsonl"),
                 "--validation_file", str(assets / "data" / "validation.jsonl"),

@@ -160,6 +160,27 @@ def test_eval_loss_is_token_weighted_and_independent_of_the_batch_size(assets, t
     assert max(old) - min(old) > 1e-4, old    # the test can tell the two estimators apart
 
 
+def test_auto_zero3_buffer_sizes_follow_the_hidden_size_as_hugging_face_fills_them(assets):
+    """The GPU ZeRO-3 configs leave the buffer sizes "auto"; train.py fills them from the model's
+    hidden size H with Hugging Face Trainer's rule (H^2, 0.9 H^2, 10 H), nothing else changes, and
+    a model config without a hidden size is an error naming the keys."""
+    from transformers import GPT2Config, PretrainedConfig
+    cfg = json.load(open(os.path.join(REPO, "ds_configs", "zero3_bf16_fsam.json")))
+    before = dict(cfg["zero_optimization"])
+    filled = model_io.fill_auto_zero3_buffers(cfg, str(assets / "tiny_llama"))   # hidden_size 16
+    assert filled == {"reduce_bucket_size": 256, "stage3_prefetch_bucket_size": 230,
+                      "stage3_param_persistence_threshold": 160}
+    assert cfg["zero_optimization"] == dict(before, **filled)
+    # GPT-2 names it n_embd; a filled config is left alone
+    gpt2 = {"zero_optimization": {"stage": 3, "reduce_bucket_size": "auto", "sub_group_size": 7}}
+    assert model_io.fill_auto_zero3_buffers(gpt2, GPT2Config(n_embd=1024)) == {"reduce_bucket_size": 1024 ** 2}
+    assert model_io.fill_auto_zero3_buffers(gpt2, GPT2Config(n_embd=8)) == {}
+    assert gpt2["zero_optimization"] == {"stage": 3, "reduce_bucket_size": 1024 ** 2, "sub_group_size": 7}
+    with pytest.raises(ValueError, match="stage3_prefetch_bucket_size.*no hidden_size"):
+        model_io.fill_auto_zero3_buffers({"zero_optimization": {"stage3_prefetch_bucket_size": "auto"}},
+                                         PretrainedConfig())
+
+
 def test_always_perturb_defaults_name_embeddings_and_norms_of_each_family():
     from transformers import (BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig,
                               LlamaForCausalLM, T5Config, T5ForConditionalGeneration)
@@ -469,6 +490,8 @@ def zero3_sft_run(assets):
     out = assets / "sft3"
     cfg = ds_config(3, train_batch_size=8)
     cfg.pop("gradient_accumulation_steps")
+    # the GPU configs' "auto" buffer sizes (the persistence threshold stays 0: every parameter partitioned)
+    cfg["zero_optimization"].update(reduce_bucket_size="auto", stage3_prefetch_bucket_size="auto")
     proc = launch(assets, out, cfg, ["--task", "causal_lm", "--train_file", str(assets / "chat_train.jsonl"),
                                      "--validation_file", str(assets / "chat_val.jsonl"), "--max_steps", "4",
                                      "--max_seq_length", "128", "--save_every", "0"], 29551)
@@ -487,6 +510,8 @@ def test_train_py_zero3_instruction_run(zero3_sft_run):
     assert max(h["lr"] for h in m["history"]) == pytest.approx(1e-3)
     # the start-up line counts partitioned parameters (was "0.0M params")
     assert f"{m['num_params'] / 1e6:.1f}M params" in proc.stdout and m["num_params"] > 700_000
+    assert ("ZeRO buffer sizes from the model's hidden size: "
+            "{'reduce_bucket_size': 256, 'stage3_prefetch_bucket_size': 230}") in proc.stdout
     assert "fsam perturbs" in proc.stdout and "tied input/output embedding" in proc.stdout
     # train mode from the first step (from_pretrained returns eval mode)
     assert all(h["train_mode"] for h in m["history"])
