@@ -197,7 +197,35 @@ def model_config(args, rt: Runtime) -> dict:
     return {"model": args.model, **PRESETS[args.model], "seq_len": args.seq_len,
             "micro_batch": args.micro_batch, "zero_stage": args.zero_stage,
             "activation_checkpointing": getattr(args, "activation_checkpointing", False),
+            "zero3_buffers": getattr(args, "zero3_buffers", "deepspeed"),
+            "zero3_buffer_values": (zero3_buffers(getattr(args, "zero3_buffers", "deepspeed"),
+                                                  PRESETS[args.model]["n_embd"]) if args.zero_stage == 3 else {}),
             "dtype": str(model_dtype(rt)), "world_size": rt.world_size}
+
+
+# --zero3_buffers: which ZeRO-3 buffer sizes a benchmark runs with. "deepspeed" leaves them to
+# DeepSpeed's defaults (every figure before 2026-12-02 evening); the others copy them from a shipped
+# config, its "auto" values filled from the model's hidden size as launch/train.py fills them.
+ZERO3_BUFFER_SOURCES = {"deepspeed": None, "cpu_configs": "zero3_fsam.json",
+                        "gpu_configs": "zero3_bf16_fsam.json"}
+ZERO3_BUFFER_KEYS = ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold",
+                     "sub_group_size", "stage3_max_live_parameters", "stage3_max_reuse_distance")
+
+
+def zero3_buffers(source: str, n_embd: int) -> dict:
+    """The zero_optimization buffer keys of `source` (ZERO3_BUFFER_SOURCES) for hidden size n_embd."""
+    if source not in ZERO3_BUFFER_SOURCES:
+        raise ValueError(f"--zero3_buffers {source!r}; choose from {sorted(ZERO3_BUFFER_SOURCES)}")
+    if ZERO3_BUFFER_SOURCES[source] is None:
+        return {}
+    repo = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    sys.path.insert(0, os.path.join(repo, "launch"))
+    import model_io
+    from transformers import GPT2Config
+    with open(os.path.join(repo, "ds_configs", ZERO3_BUFFER_SOURCES[source])) as f:
+        config = json.load(f)
+    model_io.fill_auto_zero3_buffers(config, GPT2Config(n_embd=n_embd))
+    return {k: config["zero_optimization"][k] for k in ZERO3_BUFFER_KEYS if k in config["zero_optimization"]}
 
 
 def build_variant(fsam_block, args, rt: Runtime):
@@ -206,7 +234,11 @@ def build_variant(fsam_block, args, rt: Runtime):
     parameter count and the step function (plain_step or fsam_step); no model reference stays."""
     model = build_gpt2(args.model, args.seq_len, rt, getattr(args, "activation_checkpointing", False))
     num_params = count_parameters(model)
-    engine = build_engine(model, ds_config(rt, args.zero_stage, args.micro_batch, fsam_block))
+    config = ds_config(rt, args.zero_stage, args.micro_batch, fsam_block)
+    if args.zero_stage == 3:
+        config["zero_optimization"].update(
+            zero3_buffers(getattr(args, "zero3_buffers", "deepspeed"), PRESETS[args.model]["n_embd"]))
+    engine = build_engine(model, config)
     del model
     return engine, num_params, plain_step if fsam_block is None else fsam_step
 

@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--micro_batch", type=int, default=1)
     p.add_argument("--zero_stage", type=int, default=2, choices=[2, 3])
     p.add_argument("--activation_checkpointing", action="store_true")
+    p.add_argument("--zero3_buffers", default="deepspeed", choices=sorted(benchlib.ZERO3_BUFFER_SOURCES),
+                   help="ZeRO-3 buffer sizes: DeepSpeed's defaults or a shipped config's (see step_time.py)")
     p.add_argument("--sort_numel", type=benchlib.parse_count, default=2 * 10 ** 8,
                    help="largest tensor torch.sort is measured on (per-element cost extrapolated)")
     p.add_argument("--out", required=True, help="JSON result file (written by rank 0)")
