@@ -204,10 +204,16 @@ def model_config(args, rt: Runtime) -> dict:
 
 
 # --zero3_buffers: which ZeRO-3 buffer sizes a benchmark runs with. "deepspeed" leaves them to
-# DeepSpeed's defaults (every figure before 2026-12-02 evening); the others copy them from a shipped
-# config, its "auto" values filled from the model's hidden size as launch/train.py fills them.
+# DeepSpeed's defaults (every figure before 2026-12-02 evening); "cpu_configs" / "gpu_configs" copy
+# them from a shipped config; "hf_auto" is Hugging Face's "auto" rule for the bucket sizes and the
+# persistence threshold (from the hidden size, as launch/model_io.fill_auto_zero3_buffers fills
+# them) with DeepSpeed's 1e9 sub-group and live/reuse sizes.
 ZERO3_BUFFER_SOURCES = {"deepspeed": None, "cpu_configs": "zero3_fsam.json",
-                        "gpu_configs": "zero3_bf16_fsam.json"}
+                        "gpu_configs": "zero3_bf16_fsam.json",
+                        "hf_auto": {"zero_optimization": {
+                            "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto",
+                            "stage3_param_persistence_threshold": "auto", "sub_group_size": 10 ** 9,
+                            "stage3_max_live_parameters": 10 ** 9, "stage3_max_reuse_distance": 10 ** 9}}}
 ZERO3_BUFFER_KEYS = ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold",
                      "sub_group_size", "stage3_max_live_parameters", "stage3_max_reuse_distance")
 
@@ -216,14 +222,18 @@ def zero3_buffers(source: str, n_embd: int) -> dict:
     """The zero_optimization buffer keys of `source` (ZERO3_BUFFER_SOURCES) for hidden size n_embd."""
     if source not in ZERO3_BUFFER_SOURCES:
         raise ValueError(f"--zero3_buffers {source!r}; choose from {sorted(ZERO3_BUFFER_SOURCES)}")
-    if ZERO3_BUFFER_SOURCES[source] is None:
+    spec = ZERO3_BUFFER_SOURCES[source]
+    if spec is None:
         return {}
     repo = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
     sys.path.insert(0, os.path.join(repo, "launch"))
     import model_io
     from transformers import GPT2Config
-    with open(os.path.join(repo, "ds_configs", ZERO3_BUFFER_SOURCES[source])) as f:
-        config = json.load(f)
+    if isinstance(spec, dict):
+        config = json.loads(json.dumps(spec))
+    else:
+        with open(os.path.join(repo, "ds_configs", spec)) as f:
+            config = json.load(f)
     model_io.fill_auto_zero3_buffers(config, GPT2Config(n_embd=n_embd))
     return {k: config["zero_optimization"][k] for k in ZERO3_BUFFER_KEYS if k in config["zero_optimization"]}
 

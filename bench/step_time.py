@@ -41,8 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--zero_stage", type=int, default=2, choices=[2, 3])
     p.add_argument("--activation_checkpointing", action="store_true")
     p.add_argument("--zero3_buffers", default="deepspeed", choices=sorted(benchlib.ZERO3_BUFFER_SOURCES),
-                   help="ZeRO-3 buffer sizes: DeepSpeed's defaults, or those of the shipped CPU "
-                        "(zero3_fsam.json) or GPU (zero3_bf16_fsam.json, \"auto\" from the hidden size) configs")
+                   help="ZeRO-3 buffer sizes: DeepSpeed's defaults, those of the shipped CPU (zero3_fsam.json) "
+                        "or GPU (zero3_bf16_fsam.json) configs, or Hugging Face's \"auto\" rule (hf_auto)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant")
     p.add_argument("--steps", type=int, default=8, help="timed steps per variant")
     p.add_argument("--variants", default=",".join(benchlib.STEP_VARIANTS),

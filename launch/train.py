@@ -302,7 +302,7 @@ for monitor_key in ("csv_monitor", "tensorboard"):
 stage = model_io.zero_stage(ds_config)
 if stage == 3:   # the final save gathers one module at a time instead of the whole model
     ds_config["zero_optimization"].setdefault("stage3_gather_16bit_weights_on_model_save", True)
-# "auto" ZeRO buffer sizes (the GPU configs) from the model's hidden size, before the model is
+# "auto" ZeRO buffer sizes (Hugging Face-style configs) from the model's hidden size, before the model is
 # built: zero.Init reads them
 try:
     zero_filled = model_io.fill_auto_zero3_buffers(ds_config, args.model_name_or_path)

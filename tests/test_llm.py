@@ -161,11 +161,13 @@ def test_eval_loss_is_token_weighted_and_independent_of_the_batch_size(assets, t
 
 
 def test_auto_zero3_buffer_sizes_follow_the_hidden_size_as_hugging_face_fills_them(assets):
-    """The GPU ZeRO-3 configs leave the buffer sizes "auto"; train.py fills them from the model's
-    hidden size H with Hugging Face Trainer's rule (H^2, 0.9 H^2, 10 H), nothing else changes, and
-    a model config without a hidden size is an error naming the keys."""
+    """A config with Hugging Face's "auto" ZeRO-3 buffer sizes (HF-style configs): train.py fills
+    them from the model's hidden size H with Hugging Face Trainer's rule (H^2, 0.9 H^2, 10 H),
+    nothing else changes, and a model config without a hidden size is an error naming the keys."""
     from transformers import GPT2Config, PretrainedConfig
     cfg = json.load(open(os.path.join(REPO, "ds_configs", "zero3_bf16_fsam.json")))
+    cfg["zero_optimization"].update(reduce_bucket_size="auto", stage3_prefetch_bucket_size="auto",
+                                    stage3_param_persistence_threshold="auto")
     before = dict(cfg["zero_optimization"])
     filled = model_io.fill_auto_zero3_buffers(cfg, str(assets / "tiny_llama"))   # hidden_size 16
     assert filled == {"reduce_bucket_size": 256, "stage3_prefetch_bucket_size": 230,
@@ -490,7 +492,7 @@ def zero3_sft_run(assets):
     out = assets / "sft3"
     cfg = ds_config(3, train_batch_size=8)
     cfg.pop("gradient_accumulation_steps")
-    # the GPU configs' "auto" buffer sizes (the persistence threshold stays 0: every parameter partitioned)
+    # Hugging Face's "auto" buffer sizes (the persistence threshold stays 0: every parameter partitioned)
     cfg["zero_optimization"].update(reduce_bucket_size="auto", stage3_prefetch_bucket_size="auto")
     proc = launch(assets, out, cfg, ["--task", "causal_lm", "--train_file", str(assets / "chat_train.jsonl"),
                                      "--validation_file", str(assets / "chat_val.jsonl"), "--max_steps", "4",
