@@ -13,6 +13,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from fsam_ds import collectives
+
 LATEST = "latest"
 
 
@@ -69,11 +71,13 @@ def load_checkpoint(engine, load_dir: str, tag: str | None = None):
     and load TAG_universal with "checkpoint": {"load_universal": true} in the config. Weights and
     the base optimizer's state are exact; FSAM's masks are per-shard and cannot follow, so the
     mask is recomputed at the next step (a warning says so) and the step counter is restored."""
+    # rank 0 reads `latest` (or checks the tag) and every rank follows it: ranks reading it
+    # apart could load different tags and diverge
     if tag is None:
-        tag = latest_tag(load_dir)
+        tag = collectives.rank0_decides(lambda: latest_tag(load_dir))
         if tag is None:
             return None, {}, None
-    elif not os.path.isdir(os.path.join(load_dir, tag)):
+    elif not collectives.rank0_decides(lambda: os.path.isdir(os.path.join(load_dir, tag))):
         raise ValueError(f"checkpoint {tag!r} does not exist in {load_dir}")
     path, client_state = engine.load_checkpoint(load_dir, tag=tag)
     if path is None:

@@ -93,3 +93,24 @@ def to_device(host: torch.Tensor, device) -> torch.Tensor:
     event.record()
     _pinned[key] = (buffer, event)
     return out
+
+
+def rank0_decides(decide, group=None):
+    """Run `decide()` on rank 0 of the default group only and return its result on every rank
+    (one broadcast of a small picklable value). For decisions read from shared storage, such as
+    which checkpoint `latest` names: each rank reading it alone could see different files while a
+    writer is still at work, and then take different branches before the next collective.
+    An exception raised on rank 0 is raised on every rank, so all of them fail alike."""
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return decide()
+    box = [None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = ("ok", decide())
+        except Exception as err:   # noqa: BLE001 - re-raised on every rank below
+            box[0] = ("error", err)
+    dist.broadcast_object_list(box, src=0, group=group)
+    kind, value = box[0]
+    if kind == "error":
+        raise value
+    return value

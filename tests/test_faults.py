@@ -34,8 +34,25 @@ def start(cmd, log):
 
 
 def kill_job(proc):
-    os.killpg(proc.pid, signal.SIGKILL)
+    """SIGKILL the whole job, as a pre-emption does. torchrun starts each worker in a session of its
+    own (torch.distributed.elastic's subprocess handler), so killing the launcher's process group
+    alone left the ranks training on, racing the resumed job for the same checkpoint directory."""
+    import psutil
+    try:
+        tree = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        tree = []
+    for p in tree:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
     proc.wait()
+    psutil.wait_procs(tree, timeout=30)
     subprocess.run("rm -f /dev/shm/deepspeed_allreduce_buffer_*", shell=True)
 
 

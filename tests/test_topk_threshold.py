@@ -243,3 +243,25 @@ def test_prime_sample_stride_sees_every_column_of_a_weight_gradient(monkeypatch)
     found = topk_threshold._narrowed_select(scores, k, None, 8, topk_threshold.SAMPLE_STRIDE)
     assert found is not None and found.narrowed
     assert found.value == torch.topk(scores, k).values[-1].item()
+
+
+def rank0_decision_on_ranks(rank, world_size):
+    import torch.distributed as dist
+    from fsam_ds.collectives import rank0_decides
+    seen = rank0_decides(lambda: f"step{10 + dist.get_rank()}")   # what each rank alone would read
+    try:
+        rank0_decides(lambda: (_ for _ in ()).throw(ValueError("latest names a missing tag"))
+                      if dist.get_rank() == 0 else "fine")
+        error = None
+    except ValueError as err:
+        error = str(err)
+    return seen, error
+
+
+def test_a_decision_read_from_shared_storage_is_rank_0s_on_every_rank():
+    """fsam_ds.checkpoint.load_checkpoint reads `latest` through collectives.rank0_decides: every
+    rank loads rank 0's tag (ranks reading it apart during a write could diverge and hang), and a
+    failure on rank 0 is raised on every rank."""
+    per_rank = run_ranks(rank0_decision_on_ranks, 3, timeout=120)
+    assert [seen for seen, _ in per_rank] == ["step10"] * 3
+    assert [error for _, error in per_rank] == ["latest names a missing tag"] * 3
