@@ -198,6 +198,12 @@ def save_model(engine, model_dir, tokenizer=None, stage=0, shard_bytes=SHARD_BYT
     ZeRO-3 (full models): streamed, see save_zero3_streamed. LoRA models save only the adapter
     (from DeepSpeed's consolidated state dict under ZeRO-3: the adapter filter needs it whole)."""
     module = engine.module
+    if stage == 3:
+        # On a GPU, DeepSpeed's last forward (the evaluation) prefetches the parameters it expects
+        # next; they stay in flight, and gathering one of them for the save then fails with
+        # "Cannot partition a param in flight" when it is released. Wait for and release them all
+        # first (DeepSpeed's public call for it; CPU ranks never prefetch).
+        engine.empty_partition_cache()
     if stage == 3 and not hasattr(module, "peft_config"):
         save_zero3_streamed(module, model_dir, shard_bytes)
         if dist.get_rank() == 0 and tokenizer is not None:
