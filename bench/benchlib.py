@@ -198,15 +198,14 @@ def model_config(args, rt: Runtime) -> dict:
             "micro_batch": args.micro_batch, "zero_stage": args.zero_stage,
             "activation_checkpointing": getattr(args, "activation_checkpointing", False),
             "zero3_buffers": getattr(args, "zero3_buffers", "deepspeed"),
-            "zero3_buffer_values": (zero3_buffers(getattr(args, "zero3_buffers", "deepspeed"),
-                                                  PRESETS[args.model]["n_embd"]) if args.zero_stage == 3 else {}),
+            "zero3_buffer_values": zero3_overrides(args),
             "dtype": str(model_dtype(rt)), "world_size": rt.world_size}
 
 
 # --zero3_buffers: which ZeRO-3 buffer sizes a benchmark runs with. "deepspeed" leaves them to
 # DeepSpeed's defaults (every figure before 2026-12-02 evening); "cpu_configs" / "gpu_configs" copy
 # them from a shipped config; "hf_auto" is Hugging Face's "auto" rule for the bucket sizes and the
-# persistence threshold (from the hidden size, as launch/model_io.fill_auto_zero3_buffers fills
+# persistence threshold (from the hidden size, as launch/model_io.fill_auto_zero_buffers fills
 # them) with DeepSpeed's 1e9 sub-group and live/reuse sizes.
 ZERO3_BUFFER_SOURCES = {"deepspeed": None, "cpu_configs": "zero3_fsam.json",
                         "gpu_configs": "zero3_bf16_fsam.json",
@@ -234,8 +233,15 @@ def zero3_buffers(source: str, n_embd: int) -> dict:
     else:
         with open(os.path.join(repo, "ds_configs", spec)) as f:
             config = json.load(f)
-    model_io.fill_auto_zero3_buffers(config, GPT2Config(n_embd=n_embd))
+    model_io.fill_auto_zero_buffers(config, GPT2Config(n_embd=n_embd))
     return {k: config["zero_optimization"][k] for k in ZERO3_BUFFER_KEYS if k in config["zero_optimization"]}
+
+
+def zero3_overrides(args) -> dict:
+    """What args.zero3_buffers puts into zero_optimization (nothing below ZeRO-3)."""
+    if args.zero_stage != 3:
+        return {}
+    return zero3_buffers(getattr(args, "zero3_buffers", "deepspeed"), PRESETS[args.model]["n_embd"])
 
 
 def build_variant(fsam_block, args, rt: Runtime):
@@ -245,9 +251,7 @@ def build_variant(fsam_block, args, rt: Runtime):
     model = build_gpt2(args.model, args.seq_len, rt, getattr(args, "activation_checkpointing", False))
     num_params = count_parameters(model)
     config = ds_config(rt, args.zero_stage, args.micro_batch, fsam_block)
-    if args.zero_stage == 3:
-        config["zero_optimization"].update(
-            zero3_buffers(getattr(args, "zero3_buffers", "deepspeed"), PRESETS[args.model]["n_embd"]))
+    config["zero_optimization"].update(zero3_overrides(args))
     engine = build_engine(model, config)
     del model
     return engine, num_params, plain_step if fsam_block is None else fsam_step

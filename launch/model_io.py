@@ -2,7 +2,7 @@
 scripts), sized for models that do not fit one rank:
 
   fill_auto_schedule the "auto" values of the shipped configs' scheduler, from the run length
-  fill_auto_zero3_buffers  "auto" ZeRO-3 buffer sizes (Hugging Face-style configs), from the model's
+  fill_auto_zero_buffers  "auto" ZeRO buffer sizes (Hugging Face-style configs), from the model's
                      hidden size (Hugging Face Trainer's rule)
   load_model         ZeRO-3: HfDeepSpeedConfig before from_pretrained, so the model is built under
                      deepspeed.zero.Init and every parameter is partitioned as it is created
@@ -78,9 +78,10 @@ def hidden_size_of(model_config):
     return None
 
 
-def fill_auto_zero3_buffers(ds_config, model):
-    """Resolve "auto" in zero_optimization's reduce_bucket_size, stage3_prefetch_bucket_size and
-    stage3_param_persistence_threshold in place, as Hugging Face Trainer does. `model`: a model
+def fill_auto_zero_buffers(ds_config, model):
+    """Resolve "auto" in zero_optimization's reduce_bucket_size (any stage), and ZeRO-3's
+    stage3_prefetch_bucket_size and stage3_param_persistence_threshold, in place, as Hugging Face
+    Trainer does. `model`: a model
     folder (its config.json is read alone, no weights) or a transformers config. Returns
     {key: value} of what was filled."""
     zero = ds_config.get("zero_optimization") or {}

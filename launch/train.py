@@ -305,7 +305,7 @@ if stage == 3:   # the final save gathers one module at a time instead of the wh
 # "auto" ZeRO buffer sizes (Hugging Face-style configs) from the model's hidden size, before the model is
 # built: zero.Init reads them
 try:
-    zero_filled = model_io.fill_auto_zero3_buffers(ds_config, args.model_name_or_path)
+    zero_filled = model_io.fill_auto_zero_buffers(ds_config, args.model_name_or_path)
 except (OSError, ValueError) as err:
     fail(f"--deepspeed_config {args.deepspeed_config}: {err}")
 if zero_filled:

@@ -161,7 +161,7 @@ def test_eval_loss_is_token_weighted_and_independent_of_the_batch_size(assets, t
     assert max(old) - min(old) > 1e-4, old    # the test can tell the two estimators apart
 
 
-def test_auto_zero3_buffer_sizes_follow_the_hidden_size_as_hugging_face_fills_them(assets):
+def test_auto_zero_buffer_sizes_follow_the_hidden_size_as_hugging_face_fills_them(assets):
     """A config with Hugging Face's "auto" ZeRO-3 buffer sizes (HF-style configs): train.py fills
     them from the model's hidden size H with Hugging Face Trainer's rule (H^2, 0.9 H^2, 10 H),
     nothing else changes, and a model config without a hidden size is an error naming the keys."""
@@ -170,17 +170,17 @@ def test_auto_zero3_buffer_sizes_follow_the_hidden_size_as_hugging_face_fills_th
     cfg["zero_optimization"].update(reduce_bucket_size="auto", stage3_prefetch_bucket_size="auto",
                                     stage3_param_persistence_threshold="auto")
     before = dict(cfg["zero_optimization"])
-    filled = model_io.fill_auto_zero3_buffers(cfg, str(assets / "tiny_llama"))   # hidden_size 16
+    filled = model_io.fill_auto_zero_buffers(cfg, str(assets / "tiny_llama"))   # hidden_size 16
     assert filled == {"reduce_bucket_size": 256, "stage3_prefetch_bucket_size": 230,
                       "stage3_param_persistence_threshold": 160}
     assert cfg["zero_optimization"] == dict(before, **filled)
     # GPT-2 names it n_embd; a filled config is left alone
     gpt2 = {"zero_optimization": {"stage": 3, "reduce_bucket_size": "auto", "sub_group_size": 7}}
-    assert model_io.fill_auto_zero3_buffers(gpt2, GPT2Config(n_embd=1024)) == {"reduce_bucket_size": 1024 ** 2}
-    assert model_io.fill_auto_zero3_buffers(gpt2, GPT2Config(n_embd=8)) == {}
+    assert model_io.fill_auto_zero_buffers(gpt2, GPT2Config(n_embd=1024)) == {"reduce_bucket_size": 1024 ** 2}
+    assert model_io.fill_auto_zero_buffers(gpt2, GPT2Config(n_embd=8)) == {}
     assert gpt2["zero_optimization"] == {"stage": 3, "reduce_bucket_size": 1024 ** 2, "sub_group_size": 7}
     with pytest.raises(ValueError, match="stage3_prefetch_bucket_size.*no hidden_size"):
-        model_io.fill_auto_zero3_buffers({"zero_optimization": {"stage3_prefetch_bucket_size": "auto"}},
+        model_io.fill_auto_zero_buffers({"zero_optimization": {"stage3_prefetch_bucket_size": "auto"}},
                                          PretrainedConfig())
 
 

@@ -246,12 +246,16 @@ def test_prime_sample_stride_sees_every_column_of_a_weight_gradient(monkeypatch)
 
 
 def rank0_decision_on_ranks(rank, world_size):
-    import torch.distributed as dist
     from fsam_ds.collectives import rank0_decides
-    seen = rank0_decides(lambda: f"step{10 + dist.get_rank()}")   # what each rank alone would read
+
+    def fails_on_rank_0():
+        if rank == 0:
+            raise ValueError("latest names a missing tag")
+        return "fine"
+
+    seen = rank0_decides(lambda: f"step{10 + rank}")   # what each rank alone would read
     try:
-        rank0_decides(lambda: (_ for _ in ()).throw(ValueError("latest names a missing tag"))
-                      if dist.get_rank() == 0 else "fine")
+        rank0_decides(fails_on_rank_0)
         error = None
     except ValueError as err:
         error = str(err)
